@@ -1,0 +1,29 @@
+# lars_tf: `make train` and `make test` set the stack up first when needed.
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+NP ?= 2
+export PATH := $(abspath $(BIN)):$(PATH)
+export TF_CPP_MIN_LOG_LEVEL ?= 1
+
+# The README's recipe: LARS at global batch 4096 on Fashion-MNIST, 2 ranks on one machine.
+TRAIN_FLAGS ?= --model=small_cnn --dataset=fashion_mnist --global_batch_size=4096 \
+	--epochs=30 --optimizer=lars --learning_rate=3.0 --warmup_epochs=3 \
+	--weight_decay=5e-4 --model_dir=runs/fashion_mnist_lars_4k
+
+.PHONY: setup train test lint clean
+
+setup:
+	@bash tools/setup_env.sh
+
+train: setup
+	horovodrun --gloo -np $(NP) -H localhost:$(NP) lars-train $(TRAIN_FLAGS)
+
+test: setup
+	python -m pytest tests
+
+lint: setup
+	ruff check lars_tf models benchmarks tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
