@@ -1,0 +1,29 @@
+"""NumPy implementations of the documented rules, written from the docstrings (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def schedule(step, peak, warmup, total, end=0.0, power=2.0):
+    if step < warmup:
+        return peak * step / max(warmup, 1)
+    frac = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
+    return (peak - end) * (1.0 - frac) ** power + end
+
+
+def lars_step(w, g, m, *, lr, momentum, wd, eta, eps, decay, adapt, mode="paper",
+              nesterov=False):
+    """One LARS update of one variable. Returns (w, m)."""
+    w, g, m = (np.asarray(a, np.float64) for a in (w, g, m))
+    wd = wd if decay else 0.0
+    u = g + wd * w
+    trust = 1.0
+    if adapt:
+        wn, gn = np.linalg.norm(w), np.linalg.norm(g)
+        denom = gn + wd * wn if mode == "paper" else np.linalg.norm(u)
+        if wn > 0 and gn > 0:
+            trust = eta * wn / (denom + eps)
+    m = momentum * m + lr * trust * u
+    step = momentum * m + lr * trust * u if nesterov else m
+    return w - step, m
