@@ -1,0 +1,64 @@
+"""absl entry points. Flags are read here and nowhere else."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from absl import app, flags, logging
+
+from lars_tf.config import DATA_DIR_ENV, DEFAULT_FASHION_MNIST_DIR, OPTIMIZERS, TrainConfig
+
+_D = TrainConfig()
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("model", _D.model, "Registered model name (lars_tf.models.names()).")
+flags.DEFINE_string("dataset", _D.dataset, "Dataset: fashion_mnist.")
+flags.DEFINE_string(
+    "data_dir", None,
+    f"Dataset folder. Default: ${DATA_DIR_ENV}, else {DEFAULT_FASHION_MNIST_DIR}.")
+flags.DEFINE_integer("global_batch_size", _D.global_batch_size,
+                     "Examples per weight update, summed over all ranks.")
+flags.DEFINE_integer("epochs", _D.epochs, "Training epochs.")
+flags.DEFINE_enum("optimizer", _D.optimizer, list(OPTIMIZERS),
+                  "lars, or sgd: momentum SGD with the same weight decay, no trust ratio.")
+flags.DEFINE_float("learning_rate", _D.learning_rate,
+                   "Peak learning rate for the global batch, reached after warmup.")
+flags.DEFINE_float("warmup_epochs", _D.warmup_epochs, "Epochs of linear warmup from 0.")
+flags.DEFINE_float("poly_power", _D.poly_power, "Power of the polynomial decay after warmup.")
+flags.DEFINE_float("end_learning_rate", _D.end_learning_rate, "Learning rate at the end.")
+flags.DEFINE_float("momentum", _D.momentum, "Momentum.")
+flags.DEFINE_float("weight_decay", _D.weight_decay,
+                   "Weight decay inside the update (not on biases and BatchNorm).")
+flags.DEFINE_float("trust_coefficient", _D.trust_coefficient, "LARS trust coefficient eta.")
+flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N epochs (and at the end).")
+flags.DEFINE_string("model_dir", None, "Where rank 0 writes summary.json.")
+flags.DEFINE_integer("seed", _D.seed, "Random seed (initialisation and shuffling).")
+
+
+def config_from_flags() -> TrainConfig:
+    """A TrainConfig with every field taken from the flag of the same name."""
+    return TrainConfig(**{f.name: getattr(FLAGS, f.name)
+                          for f in dataclasses.fields(TrainConfig)})
+
+
+def _train(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        config = config_from_flags()
+    except ValueError as e:
+        logging.error("%s", e)
+        sys.exit(2)
+    from lars_tf.train import Trainer  # imports Horovod: only once the flags are good
+
+    try:
+        Trainer(config).fit()
+    except (ValueError, FileNotFoundError) as e:
+        logging.error("%s", e)
+        sys.exit(2)
+
+
+def train_main():
+    """``lars-train``: train a registered model on a dataset with LARS under Horovod."""
+    app.run(_train)

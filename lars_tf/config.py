@@ -1,0 +1,94 @@
+"""TrainConfig: every setting of a run, validated once; errors name the flag at fault."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+DATA_DIR_ENV = "LARS_TF_DATA_DIR"
+
+OPTIMIZERS = ("lars", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Field names are the ``lars-train`` flag names.
+
+    Batch sizes: ``global_batch_size`` examples contribute to each weight update, split over
+    ``world_size`` ranks, so each rank's backward pass sees
+    ``global_batch_size / world_size`` examples. ``learning_rate`` is the peak rate for that
+    global batch (scale it from a reference with ``lars_tf.scale_learning_rate``).
+    """
+
+    model: str = "small_cnn"
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    global_batch_size: int = 4096
+    epochs: int = 30
+    optimizer: str = "lars"
+    learning_rate: float = 3.0
+    warmup_epochs: float = 3.0
+    poly_power: float = 2.0
+    end_learning_rate: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    trust_coefficient: float = 0.001
+    eval_every: int = 1
+    model_dir: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive_int("global_batch_size", self.global_batch_size)
+        _positive_int("epochs", self.epochs)
+        _positive_int("eval_every", self.eval_every)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer={self.optimizer!r}: must be one of {OPTIMIZERS}")
+        _number("learning_rate", self.learning_rate, lo_open=0.0)
+        _number("warmup_epochs", self.warmup_epochs, lo=0.0)
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"--warmup_epochs={self.warmup_epochs} exceeds "
+                             f"--epochs={self.epochs}")
+        _number("poly_power", self.poly_power, lo_open=0.0)
+        _number("end_learning_rate", self.end_learning_rate, lo=0.0)
+        if self.end_learning_rate > self.learning_rate:
+            raise ValueError(f"--end_learning_rate={self.end_learning_rate} exceeds "
+                             f"--learning_rate={self.learning_rate}")
+        _number("momentum", self.momentum, lo=0.0)
+        if self.momentum >= 1.0:
+            raise ValueError(f"--momentum={self.momentum}: must be in [0, 1)")
+        _number("weight_decay", self.weight_decay, lo=0.0)
+        _number("trust_coefficient", self.trust_coefficient, lo_open=0.0)
+        if self.model_dir is not None and os.path.exists(self.model_dir) \
+                and not os.path.isdir(self.model_dir):
+            raise ValueError(f"--model_dir={self.model_dir!r} exists and is not a directory")
+
+    def resolved_data_dir(self) -> str:
+        """``data_dir``, else ``$LARS_TF_DATA_DIR``, else the Debian package's folder."""
+        return self.data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_FASHION_MNIST_DIR
+
+    def per_rank_batch_size(self, world_size: int) -> int:
+        """Examples in one backward pass on one rank; raises if the split is not even."""
+        if self.global_batch_size % world_size:
+            raise ValueError(
+                f"--global_batch_size={self.global_batch_size} is not divisible by the "
+                f"{world_size} ranks: every rank must get the same batch")
+        return self.global_batch_size // world_size
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _positive_int(flag: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"--{flag}={value!r}: must be an integer >= 1")
+
+
+def _number(flag: str, value, lo=None, lo_open=None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"--{flag}={value!r}: must be a number")
+    if lo is not None and value < lo:
+        raise ValueError(f"--{flag}={value!r}: must be >= {lo}")
+    if lo_open is not None and value <= lo_open:
+        raise ValueError(f"--{flag}={value!r}: must be > {lo_open}")

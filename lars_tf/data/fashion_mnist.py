@@ -1,0 +1,66 @@
+"""Fashion-MNIST from the idx files (Debian's dataset-fashion-mnist, or any copy of them)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+NUM_CLASSES = 10
+IMAGE_SHAPE = (28, 28, 1)
+# Per-pixel mean and std of the 60,000 training images, on the [0, 1] scale.
+MEAN, STD = 0.2860, 0.3530
+
+
+def _open(data_dir: str, stem: str):
+    for name in (stem + ".gz", stem):
+        path = os.path.join(data_dir, name)
+        if os.path.isfile(path):
+            return path, (gzip.open if name.endswith(".gz") else open)(path, "rb")
+    raise FileNotFoundError(
+        f"--data_dir={data_dir!r} has no {stem}.gz (or {stem}): Fashion-MNIST comes from "
+        "Debian's dataset-fashion-mnist package (/usr/share/datasets/fashion-mnist) or the "
+        "four idx files of the Fashion-MNIST release")
+
+
+def _read_idx(data_dir: str, stem: str, magic: int, ndim: int) -> np.ndarray:
+    path, f = _open(data_dir, stem)
+    with f:
+        try:
+            raw = f.read()
+        except (OSError, EOFError) as e:
+            raise ValueError(f"{path}: cannot be read ({e})") from None
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated idx header ({len(raw)} bytes)")
+    got = int.from_bytes(raw[:4], "big")
+    if got != magic:
+        raise ValueError(f"{path}: not an idx file of this kind (magic {got:#x}, want {magic:#x})")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} but holds {body.size} values (truncated?)")
+    return body.reshape(dims)
+
+
+def load(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 [N, 28, 28, 1], labels int32 [N])`` of ``split`` ('train' or 'test')."""
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(
+            f"--data_dir={data_dir!r} is not a directory. Install Fashion-MNIST with "
+            "`apt-get install dataset-fashion-mnist` or point --data_dir (or "
+            "$LARS_TF_DATA_DIR) at a folder with its four idx files")
+    image_stem, label_stem = FILES[split]
+    images = _read_idx(data_dir, image_stem, 0x803, 3)
+    labels = _read_idx(data_dir, label_stem, 0x801, 1)
+    if len(images) != len(labels):
+        raise ValueError(f"{data_dir}: {split} has {len(images)} images but {len(labels)} labels")
+    if labels.size and labels.max() >= NUM_CLASSES:
+        bad = int(np.argmax(labels >= NUM_CLASSES))
+        raise ValueError(f"{data_dir}/{label_stem}: record {bad} has label {labels[bad]}, "
+                         f"outside [0, {NUM_CLASSES})")
+    return images[..., None], labels.astype(np.int32)

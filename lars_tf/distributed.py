@@ -1,0 +1,130 @@
+"""The one module that imports Horovod: init, device pinning, optimizer wrapping, collectives."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import horovod.tensorflow as hvd_tf
+import horovod.tensorflow.keras as hvd
+import numpy as np
+import tensorflow as tf
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+
+_WORLD: World | None = None
+
+
+def threads_per_rank(local_size: int, cpu_count: int | None = None) -> int:
+    """CPU cores each rank on a node may use: the node's cores split evenly, at least 1."""
+    cpus = cpu_count or len(os.sched_getaffinity(0)) or os.cpu_count() or 1
+    return max(1, cpus // max(1, local_size))
+
+
+def gpu_for_local_rank(gpus: list, local_rank: int):
+    """The one GPU a rank owns: the local_rank-th visible GPU (one process per GPU)."""
+    if local_rank >= len(gpus):
+        raise RuntimeError(
+            f"local rank {local_rank} has no GPU: this node shows {len(gpus)} GPU(s); "
+            "start one process per GPU (horovodrun -np <gpus> ... or -H host:<gpus>)")
+    return gpus[local_rank]
+
+
+def init(intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> World:
+    """Start Horovod and give this rank its device and its share of the CPU.
+
+    On GPU nodes each rank sees only the GPU of its local rank (memory growth on). On CPU
+    nodes the node's cores are split between the ranks on it, so that ranks do not fight
+    over cores. Call it before building a model (TensorFlow fixes its thread pools at the
+    first op); later calls return the same World.
+    """
+    global _WORLD
+    if _WORLD is not None:
+        return _WORLD
+    hvd.init()
+    world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        gpu = gpu_for_local_rank(gpus, world.local_rank)
+        tf.config.experimental.set_memory_growth(gpu, True)
+        tf.config.set_visible_devices(gpu, "GPU")
+    threads = intra_op_threads or threads_per_rank(world.local_size)
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads or max(2, threads))
+    _WORLD = world
+    return world
+
+
+def wrap_optimizer(
+    optimizer: tf.keras.optimizers.Optimizer,
+    *,
+    fp16_allreduce: bool = False,
+    backward_passes_per_step: int = 1,
+    gradient_predivide_factor: float = 1.0,
+) -> tf.keras.optimizers.Optimizer:
+    """``hvd.DistributedOptimizer`` around ``optimizer``: gradients are averaged over ranks.
+
+    With ``backward_passes_per_step = k`` each rank sums ``k`` local gradients and all-reduces
+    their mean once, so one update sees ``k`` times the per-pass batch on every rank.
+    """
+    return hvd.DistributedOptimizer(
+        optimizer,
+        compression=hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none,
+        backward_passes_per_step=backward_passes_per_step,
+        average_aggregated_gradients=True,
+        gradient_predivide_factor=gradient_predivide_factor,
+    )
+
+
+def broadcast_state(model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer) -> None:
+    """Give every rank rank 0's weights and optimizer state, before the first step."""
+    optimizer.build(model.trainable_variables)
+    variables = list(model.variables) + list(optimizer.variables)
+    hvd_tf.broadcast_variables(variables, root_rank=0)
+
+
+def allreduce_sum(values, name: str) -> np.ndarray:
+    """Element-wise sum of a small float64 vector over all ranks (every rank must call it)."""
+    x = tf.constant(np.asarray(values, dtype=np.float64))
+    return hvd_tf.allreduce(x, op=hvd_tf.Sum, name=name).numpy()
+
+
+def barrier() -> None:
+    hvd.join()
+
+
+def metric_average_callback() -> tf.keras.callbacks.Callback:
+    """Averages the epoch's training metrics (loss, accuracy) over ranks."""
+    return hvd.callbacks.MetricAverageCallback()
+
+
+def versions() -> dict:
+    import horovod
+
+    return {"tensorflow": tf.__version__, "horovod": horovod.__version__}
+
+
+def average_variables(variables, name: str) -> None:
+    """Set each variable to its mean over ranks (one grouped all-reduce).
+
+    For state that each rank updates from its own data, such as BatchNorm's moving mean and
+    variance: afterwards every rank holds the same values.
+    """
+    variables = [v for v in variables if v.dtype.is_floating]
+    if not variables:
+        return
+    means = hvd_tf.grouped_allreduce([v.value() for v in variables], op=hvd_tf.Average,
+                                     name=name)
+    for v, m in zip(variables, means):
+        v.assign(m)

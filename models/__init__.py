@@ -1,0 +1,40 @@
+"""Model registry: ``get(name, input_shape, num_classes)`` builds a registered Keras model.
+
+Imported as ``lars_tf.models`` (setup.py maps this folder there). Any ``tf.keras.Model``
+works with the trainer too; registering one makes it selectable by ``--model``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tensorflow as tf
+
+Builder = Callable[..., tf.keras.Model]
+_REGISTRY: dict[str, Builder] = {}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: make ``builder(input_shape, num_classes, **kwargs)`` available as ``name``."""
+
+    def add(builder: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = builder
+        return builder
+
+    return add
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(name: str, input_shape, num_classes: int, **kwargs) -> tf.keras.Model:
+    """Build model ``name``; an unknown name is a ``ValueError`` naming ``--model``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"--model={name!r}: unknown model; registered: {', '.join(names())}")
+    return _REGISTRY[name](tuple(input_shape), int(num_classes), **kwargs)
+
+
+from lars_tf.models import small  # noqa: E402,F401  (registers the models)

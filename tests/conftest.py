@@ -1,0 +1,45 @@
+"""Helpers that start real multi-process Horovod jobs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def job_env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("PYTHONPATH", str(ROOT))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def launcher(kind: str, np_: int = 2) -> list[str]:
+    """The command prefix that starts ``np_`` local ranks with ``kind``: gloo | mpirun."""
+    if kind == "gloo":
+        return [str(BIN / "horovodrun"), "--gloo", "-np", str(np_), "-H", f"localhost:{np_}"]
+    if kind == "mpirun":
+        cmd = [str(BIN / "mpirun"), "-np", str(np_), "--oversubscribe", "--bind-to", "none"]
+        if os.geteuid() == 0:
+            cmd.append("--allow-run-as-root")
+        return cmd
+    raise ValueError(kind)
+
+
+def run_job(cmd: list[str], timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    """Run a job to completion; fail the test with its output if it fails or hangs."""
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=job_env(**env), capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"job timed out after {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
+    if proc.returncode != 0:
+        pytest.fail(f"job failed ({proc.returncode}): {' '.join(cmd)}\n"
+                    f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
