@@ -7,7 +7,13 @@ import sys
 
 from absl import app, flags, logging
 
-from lars_tf.config import DATA_DIR_ENV, DEFAULT_FASHION_MNIST_DIR, OPTIMIZERS, TrainConfig
+from lars_tf.config import (
+    DATA_DIR_ENV,
+    DEFAULT_FASHION_MNIST_DIR,
+    OPTIMIZERS,
+    PRECISIONS,
+    TrainConfig,
+)
 
 _D = TrainConfig()
 FLAGS = flags.FLAGS
@@ -31,6 +37,17 @@ flags.DEFINE_float("momentum", _D.momentum, "Momentum.")
 flags.DEFINE_float("weight_decay", _D.weight_decay,
                    "Weight decay inside the update (not on biases and BatchNorm).")
 flags.DEFINE_float("trust_coefficient", _D.trust_coefficient, "LARS trust coefficient eta.")
+flags.DEFINE_enum("precision", _D.precision, list(PRECISIONS),
+                  "fp32, or mixed_float16 (with dynamic loss scaling) / mixed_bfloat16: 16-bit "
+                  "compute, float32 master weights.")
+flags.DEFINE_bool("fp16_allreduce", _D.fp16_allreduce,
+                  "Send gradients as float16 in the all-reduce (Horovod compression).")
+flags.DEFINE_integer("backward_passes_per_step", _D.backward_passes_per_step,
+                     "Backward passes accumulated per weight update on each rank (reaches a "
+                     "large global batch on few workers).")
+flags.DEFINE_float("gradient_predivide_factor", _D.gradient_predivide_factor,
+                   "Divide gradients by this before the all-reduce sum and by "
+                   "ranks/factor after it.")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N epochs (and at the end).")
 flags.DEFINE_string("model_dir", None, "Where rank 0 writes summary.json.")
 flags.DEFINE_integer("seed", _D.seed, "Random seed (initialisation and shuffling).")

@@ -10,6 +10,7 @@ DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DATA_DIR_ENV = "LARS_TF_DATA_DIR"
 
 OPTIMIZERS = ("lars", "sgd")
+PRECISIONS = ("fp32", "mixed_float16", "mixed_bfloat16")
 
 
 @dataclass(frozen=True)
@@ -17,9 +18,11 @@ class TrainConfig:
     """One training run. Field names are the ``lars-train`` flag names.
 
     Batch sizes: ``global_batch_size`` examples contribute to each weight update, split over
-    ``world_size`` ranks, so each rank's backward pass sees
-    ``global_batch_size / world_size`` examples. ``learning_rate`` is the peak rate for that
-    global batch (scale it from a reference with ``lars_tf.scale_learning_rate``).
+    ``world_size`` ranks and ``backward_passes_per_step`` accumulated backward passes, so
+    each backward pass on a rank sees
+    ``global_batch_size / (world_size * backward_passes_per_step)`` examples.
+    ``learning_rate`` is the peak rate for the global batch (scale it from a reference with
+    ``lars_tf.scale_learning_rate``).
     """
 
     model: str = "small_cnn"
@@ -35,6 +38,10 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     trust_coefficient: float = 0.001
+    precision: str = "fp32"
+    fp16_allreduce: bool = False
+    backward_passes_per_step: int = 1
+    gradient_predivide_factor: float = 1.0
     eval_every: int = 1
     model_dir: str | None = None
     seed: int = 0
@@ -60,6 +67,10 @@ class TrainConfig:
             raise ValueError(f"--momentum={self.momentum}: must be in [0, 1)")
         _number("weight_decay", self.weight_decay, lo=0.0)
         _number("trust_coefficient", self.trust_coefficient, lo_open=0.0)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision={self.precision!r}: must be one of {PRECISIONS}")
+        _positive_int("backward_passes_per_step", self.backward_passes_per_step)
+        _number("gradient_predivide_factor", self.gradient_predivide_factor, lo_open=0.0)
         if self.model_dir is not None and os.path.exists(self.model_dir) \
                 and not os.path.isdir(self.model_dir):
             raise ValueError(f"--model_dir={self.model_dir!r} exists and is not a directory")
@@ -70,11 +81,13 @@ class TrainConfig:
 
     def per_rank_batch_size(self, world_size: int) -> int:
         """Examples in one backward pass on one rank; raises if the split is not even."""
-        if self.global_batch_size % world_size:
+        parts = world_size * self.backward_passes_per_step
+        if self.global_batch_size % parts:
             raise ValueError(
                 f"--global_batch_size={self.global_batch_size} is not divisible by the "
-                f"{world_size} ranks: every rank must get the same batch")
-        return self.global_batch_size // world_size
+                f"{world_size} ranks x --backward_passes_per_step="
+                f"{self.backward_passes_per_step}: every backward pass must get the same batch")
+        return self.global_batch_size // parts
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -10,6 +10,8 @@ import horovod.tensorflow.keras as hvd
 import numpy as np
 import tensorflow as tf
 
+from lars_tf import precision as precision_lib
+
 
 @dataclass(frozen=True)
 class World:
@@ -69,28 +71,58 @@ def init(intra_op_threads: int | None = None, inter_op_threads: int | None = Non
 def wrap_optimizer(
     optimizer: tf.keras.optimizers.Optimizer,
     *,
+    precision: str = "fp32",
     fp16_allreduce: bool = False,
     backward_passes_per_step: int = 1,
     gradient_predivide_factor: float = 1.0,
 ) -> tf.keras.optimizers.Optimizer:
-    """``hvd.DistributedOptimizer`` around ``optimizer``: gradients are averaged over ranks.
+    """The distributed optimizer stack around a local optimizer (LARS)::
 
-    With ``backward_passes_per_step = k`` each rank sums ``k`` local gradients and all-reduces
-    their mean once, so one update sees ``k`` times the per-pass batch on every rank.
+        LossScaleOptimizer(                 # only for mixed_float16: scale, unscale, skip
+            hvd.DistributedOptimizer(       # all-reduce (mean) of the scaled gradients
+                optimizer))                 # LARS, in float32
+
+    The all-reduce sits between loss scaling and unscaling: gradients cross the wire scaled,
+    which is what keeps small ones alive under ``fp16_allreduce``, and the overflow check
+    runs on the all-reduced gradients, so every rank skips the same steps (see
+    ``lars_tf.precision``). The other order, Horovod outside Keras' LossScaleOptimizer,
+    cannot be built with Keras >= 2.11: Horovod rebuilds the wrapped optimizer from its
+    config and the loss-scale optimizer's constructor does not take that form.
+
+    With ``backward_passes_per_step = k`` each rank accumulates ``k`` local gradients and
+    all-reduces their mean once; the loss scale then decides once per update.
+    ``gradient_predivide_factor`` divides gradients by that factor before the sum and by
+    ``size / factor`` after it (the same mean, another rounding).
     """
-    return hvd.DistributedOptimizer(
+    if backward_passes_per_step < 1:
+        raise ValueError(f"--backward_passes_per_step={backward_passes_per_step}: must be >= 1")
+    if not gradient_predivide_factor > 0:
+        raise ValueError(
+            f"--gradient_predivide_factor={gradient_predivide_factor}: must be > 0")
+    dist = hvd.DistributedOptimizer(
         optimizer,
         compression=hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none,
         backward_passes_per_step=backward_passes_per_step,
         average_aggregated_gradients=True,
         gradient_predivide_factor=gradient_predivide_factor,
     )
+    helper = getattr(dist, "_agg_helper", None)
+    is_update_step = None
+    if helper is not None:
+        # Horovod's accumulation counter is back at 0 right after the pass that all-reduced.
+        def is_update_step():
+            return tf.equal(helper.counter, 0)
+    return precision_lib.wrap_loss_scale(dist, precision, is_update_step=is_update_step)
 
 
 def broadcast_state(model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer) -> None:
     """Give every rank rank 0's weights and optimizer state, before the first step."""
     optimizer.build(model.trainable_variables)
     variables = list(model.variables) + list(optimizer.variables)
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None:  # loss scaling: the inner optimizer's slots too
+        known = {id(v) for v in variables}
+        variables += [v for v in inner.variables if id(v) not in known]
     hvd_tf.broadcast_variables(variables, root_rank=0)
 
 

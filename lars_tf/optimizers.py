@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Sequence
 
@@ -234,7 +235,7 @@ def _matches(patterns: Sequence[re.Pattern], name: str) -> bool:
 
 
 def _check_number(arg, value, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"LARS: {arg} must be a number, got {value!r}")
     bad = (
         (lo is not None and (value < lo or (lo_open and value == lo)))

@@ -22,10 +22,10 @@ class WarmupPolynomialDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
         lr(t) = end                                              \quad t > T
 
     This is the schedule of "ImageNet Training in Minutes" (power 2 by default). Steps count
-    calls to ``apply_gradients``, i.e. backward passes: with Horovod gradient accumulation
-    (``backward_passes_per_step = k``) the optimizer's step counter advances ``k`` times per
-    weight update, so give ``warmup_steps`` and ``total_steps`` in backward passes too
-    (``lars_tf`` does this for you from epochs).
+    weight updates. With Horovod gradient accumulation the optimizer's step counter advances
+    once per backward pass, ``backward_passes_per_step`` times per update; give that number
+    here and the schedule divides the counter by it, so that the ``j``-th update uses
+    ``lr(j)`` whatever the accumulation.
 
     >>> s = WarmupPolynomialDecay(peak_learning_rate=2.0, warmup_steps=10, total_steps=110)
     >>> float(s(5)), float(s(10)), float(s(60)), float(s(110))
@@ -39,9 +39,14 @@ class WarmupPolynomialDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
         total_steps: int,
         end_learning_rate: float = 0.0,
         power: float = 2.0,
+        backward_passes_per_step: int = 1,
         name: str | None = None,
     ):
         super().__init__()
+        if int(backward_passes_per_step) != backward_passes_per_step \
+                or backward_passes_per_step < 1:
+            raise ValueError("backward_passes_per_step must be an integer >= 1, got "
+                             f"{backward_passes_per_step!r}")
         if not peak_learning_rate > 0:
             raise ValueError(f"peak_learning_rate must be > 0, got {peak_learning_rate!r}")
         if not 0 <= end_learning_rate <= peak_learning_rate:
@@ -62,11 +67,12 @@ class WarmupPolynomialDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
         self.total_steps = int(total_steps)
         self.end_learning_rate = float(end_learning_rate)
         self.power = float(power)
+        self.backward_passes_per_step = int(backward_passes_per_step)
         self.name = name
 
     def __call__(self, step):
         with tf.name_scope(self.name or "WarmupPolynomialDecay"):
-            t = tf.cast(step, tf.float32)
+            t = tf.cast(step // self.backward_passes_per_step, tf.float32)
             peak = tf.constant(self.peak_learning_rate, tf.float32)
             end = tf.constant(self.end_learning_rate, tf.float32)
             warm = float(max(self.warmup_steps, 1))
@@ -83,6 +89,7 @@ class WarmupPolynomialDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
             "total_steps": self.total_steps,
             "end_learning_rate": self.end_learning_rate,
             "power": self.power,
+            "backward_passes_per_step": self.backward_passes_per_step,
             "name": self.name,
         }
 

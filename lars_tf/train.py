@@ -15,6 +15,7 @@ from absl import logging
 
 from lars_tf import data as data_lib
 from lars_tf import distributed, models
+from lars_tf import precision as precision_lib
 from lars_tf.config import TrainConfig
 from lars_tf.optimizers import LARS
 from lars_tf.schedules import WarmupPolynomialDecay
@@ -23,14 +24,21 @@ SUMMARY_FILE = "summary.json"
 
 
 def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupPolynomialDecay:
-    """Warmup + polynomial decay over the run, in optimizer steps."""
-    total = config.epochs * steps_per_epoch
+    """Warmup + polynomial decay over the run, in weight updates.
+
+    ``steps_per_epoch`` counts backward passes (what ``model.fit`` runs); with gradient
+    accumulation an epoch has ``steps_per_epoch / backward_passes_per_step`` updates.
+    """
+    k = config.backward_passes_per_step
+    updates_per_epoch = max(1, steps_per_epoch // k)
+    total = config.epochs * updates_per_epoch
     return WarmupPolynomialDecay(
         peak_learning_rate=config.learning_rate,
-        warmup_steps=min(total, int(round(config.warmup_epochs * steps_per_epoch))),
+        warmup_steps=min(total, int(round(config.warmup_epochs * updates_per_epoch))),
         total_steps=total,
         end_learning_rate=config.end_learning_rate,
         power=config.poly_power,
+        backward_passes_per_step=k,
     )
 
 
@@ -52,9 +60,18 @@ def build_local_optimizer(config: TrainConfig, steps_per_epoch: int) -> LARS:
 
 
 def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> tf.keras.optimizers.Optimizer:
-    """The full stack for a Horovod run: the local optimizer inside
-    ``hvd.DistributedOptimizer``. Call after ``lars_tf.init()``."""
-    return distributed.wrap_optimizer(build_local_optimizer(config, steps_per_epoch))
+    """The full stack for a Horovod run: LARS (or the SGD baseline) inside
+    ``hvd.DistributedOptimizer``, inside dynamic loss scaling for ``mixed_float16``
+    (see ``lars_tf.distributed.wrap_optimizer``). Call after ``lars_tf.init()``.
+
+    ``steps_per_epoch`` counts backward passes per epoch on one rank."""
+    return distributed.wrap_optimizer(
+        build_local_optimizer(config, steps_per_epoch),
+        precision=config.precision,
+        fp16_allreduce=config.fp16_allreduce,
+        backward_passes_per_step=config.backward_passes_per_step,
+        gradient_predivide_factor=config.gradient_predivide_factor,
+    )
 
 
 class Trainer:
@@ -70,6 +87,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, model: tf.keras.Model | None = None):
         self.config = config
         self.world = distributed.init()
+        precision_lib.set_policy(config.precision)
         tf.keras.utils.set_random_seed(config.seed)
         self.model = model
         self.history: list[dict] = []
@@ -90,15 +108,17 @@ class Trainer:
         distributed.broadcast_state(model, optimizer)
         if world.is_chief:
             logging.info(
-                "training %s on %s: %d ranks x %d = global batch %d, %d steps/epoch, "
-                "%d epochs, %s lr %.4g", model.name, config.dataset, world.size,
+                "training %s on %s: %d ranks x %d passes x %d = global batch %d, "
+                "%d updates/epoch, %d epochs, %s lr %.4g, %s", model.name, config.dataset,
+                world.size, config.backward_passes_per_step,
                 config.per_rank_batch_size(world.size), config.global_batch_size,
-                datasets.steps_per_epoch, config.epochs, config.optimizer,
-                config.learning_rate)
+                datasets.steps_per_epoch // config.backward_passes_per_step, config.epochs,
+                config.optimizer, config.learning_rate, config.precision)
 
         callbacks = [
             distributed.metric_average_callback(),
-            _EpochTimer(config.global_batch_size * datasets.steps_per_epoch),
+            _EpochTimer(config.global_batch_size * datasets.steps_per_epoch
+                        // config.backward_passes_per_step),
             _AverageNonTrainable(),
             _GlobalEval(datasets.eval, datasets.eval_examples, config.eval_every,
                         config.epochs),
@@ -135,6 +155,9 @@ class Trainer:
             "per_rank_batch_size": config.per_rank_batch_size(world.size),
             "world_size": world.size,
             "steps_per_epoch": datasets.steps_per_epoch,
+            "backward_passes_per_step": config.backward_passes_per_step,
+            "updates_per_epoch": datasets.steps_per_epoch // config.backward_passes_per_step,
+            "precision": config.precision,
             "wall_time_sec": wall,
             "peak_rss_mb_per_rank": [round(float(x), 1) for x in peak_mb],
             "history": self.history,
@@ -196,9 +219,10 @@ class _Record(tf.keras.callbacks.Callback):
         self.history, self.optimizer, self.chief = history, optimizer, chief
 
     def on_epoch_end(self, epoch, logs=None):
-        lr = self.optimizer._learning_rate
+        opt = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        lr = opt._learning_rate
         if callable(lr):
-            lr = lr(self.optimizer.iterations)
+            lr = lr(opt.iterations)
         row = {"epoch": epoch + 1, "learning_rate": float(lr)}
         row.update({k: float(v) for k, v in (logs or {}).items()})
         self.history.append(row)

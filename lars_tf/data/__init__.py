@@ -15,9 +15,11 @@ DATASETS = ("fashion_mnist",)
 class Datasets:
     """What a rank trains and evaluates on.
 
-    ``train`` repeats forever and yields ``steps_per_epoch`` per-rank batches per epoch, the
-    same number on every rank (ranks that ran out early would hang the all-reduce). ``eval``
-    is this rank's part of the eval split: over all ranks, every example exactly once.
+    ``train`` repeats forever and yields ``steps_per_epoch`` per-rank batches (backward passes)
+    per epoch, the same number on every rank (a rank that ran out early would hang the
+    all-reduce), and a multiple of ``backward_passes_per_step`` so that epochs end on a weight
+    update. ``eval`` is this rank's part of the eval split: over all ranks, every example
+    exactly once.
     """
 
     train: tf.data.Dataset
@@ -48,7 +50,8 @@ def _fashion_mnist(config, rank: int, size: int, eval_batch_size: int) -> Datase
 
     # Example-level shard (one in-memory source): rank r takes examples r, r+size, ...
     # Every rank runs the same number of steps, set by the smallest shard.
-    steps = (len(labels) // size) // batch
+    k = config.backward_passes_per_step
+    steps = (len(labels) // size) // batch // k * k
     if steps == 0:
         raise ValueError(
             f"--global_batch_size={config.global_batch_size} is larger than the "

@@ -1,0 +1,93 @@
+"""Mixed-precision policy and dynamic loss scaling (TensorFlow only).
+
+Where loss scaling sits in the lars_tf stack, from the loss to the weights::
+
+    loss * S  ->  backward pass (float16 activations, scaled gradients)
+              ->  all-reduce of the *scaled* gradients (Horovod; float16 on the wire with
+                  fp16 compression, where scaling keeps small gradients representable)
+              ->  divide by S  ->  finite?  yes: LARS update in float32, S grows after a run
+                                                  of good steps
+                                            no:  skip the update, S halves
+
+Every rank makes the same skip decision because it is taken on the all-reduced gradients:
+an Inf/NaN on any one rank becomes Inf/NaN in the sum that every rank receives. With
+Horovod gradient accumulation the decision is taken once per weight update, on the
+all-reduced accumulated gradients, and S only changes then, so the scaled gradients of one
+accumulation window all share one S.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tensorflow as tf
+from keras.src.mixed_precision.loss_scale_optimizer import LossScaleOptimizerV3
+
+PRECISIONS = ("fp32", "mixed_float16", "mixed_bfloat16")
+
+
+def set_policy(precision: str) -> tf.keras.mixed_precision.Policy:
+    """Set Keras' global dtype policy: ``fp32``, ``mixed_float16`` or ``mixed_bfloat16``.
+
+    Mixed policies compute in 16 bits and keep float32 variables (the master weights that
+    LARS updates); call this before building the model.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision={precision!r}: must be one of {PRECISIONS}")
+    policy = tf.keras.mixed_precision.Policy("float32" if precision == "fp32" else precision)
+    tf.keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+def needs_loss_scaling(precision: str) -> bool:
+    """float16 has 5 exponent bits and needs loss scaling; bfloat16 has float32's range."""
+    return precision == "mixed_float16"
+
+
+class LossScaleOptimizer(LossScaleOptimizerV3):
+    """Keras' dynamic loss scaling, deciding once per weight update.
+
+    ``is_update_step`` returns a boolean tensor: True when this backward pass ends an
+    accumulation window (its gradients are the all-reduced sum of the window). On the other
+    backward passes the inner optimizer only accumulates, and the loss scale is neither
+    checked nor changed. With ``is_update_step=None`` every pass is an update (plain Keras
+    behaviour).
+    """
+
+    def __init__(self, inner_optimizer, is_update_step: Callable[[], tf.Tensor] | None = None,
+                 **kwargs):
+        super().__init__(inner_optimizer, **kwargs)
+        self._is_update_step = is_update_step
+
+    def apply_gradients(self, grads_and_vars, skip_gradients_aggregation=False, **kwargs):
+        if self._is_update_step is None:
+            return super().apply_gradients(grads_and_vars, skip_gradients_aggregation,
+                                           **kwargs)
+        grads_and_vars = list(grads_and_vars)
+        parent = super()
+
+        def update():
+            parent.apply_gradients(grads_and_vars, skip_gradients_aggregation, **kwargs)
+            return tf.constant(True)
+
+        def accumulate():
+            # The inner (Horovod) optimizer counts the pass and leaves the weights alone.
+            self._optimizer.apply_gradients(grads_and_vars, skip_gradients_aggregation=True)
+            return tf.constant(False)
+
+        return tf.cond(self._is_update_step(), update, accumulate)
+
+
+def wrap_loss_scale(
+    optimizer: tf.keras.optimizers.Optimizer,
+    precision: str,
+    is_update_step: Callable[[], tf.Tensor] | None = None,
+    initial_scale: float = 2.0 ** 15,
+    dynamic_growth_steps: int = 2000,
+) -> tf.keras.optimizers.Optimizer:
+    """``optimizer`` under dynamic loss scaling when ``precision`` needs it, else as is."""
+    if not needs_loss_scaling(precision):
+        return optimizer
+    return LossScaleOptimizer(optimizer, is_update_step=is_update_step, dynamic=True,
+                              initial_scale=initial_scale,
+                              dynamic_growth_steps=dynamic_growth_steps)

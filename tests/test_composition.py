@@ -1,0 +1,87 @@
+"""LARS + loss scaling + Horovod composed: equal to one big batch, and overflow-safe.
+
+Every job here is a real Horovod run (Gloo, 2 ranks) or a single process.
+"""
+
+import numpy as np
+import pytest
+
+from tests.conftest import launcher, run_job
+
+GLOBAL = 512
+
+
+def _weights(path, prefix="w"):
+    with np.load(path) as f:
+        n = len([k for k in f.files if k.startswith(prefix)])
+        return [f[f"{prefix}{i}"] for i in range(n)]
+
+
+def _rel_err(a, b):
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def one_process_big_batch(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    run_job(["python", "tests/workers/equivalence.py", str(out), str(GLOBAL), "1"])
+    return _weights(out / "rank0.npz"), _weights(out / "rank0.npz", "init")
+
+
+@pytest.mark.parametrize("ranks, passes", [(2, 1), (1, 2), (2, 2)])
+def test_split_batch_equals_one_big_batch(ranks, passes, one_process_big_batch, tmp_path):
+    ref, init = one_process_big_batch
+    cmd = ["python", "tests/workers/equivalence.py", str(tmp_path), str(GLOBAL), str(passes)]
+    run_job((launcher("gloo", ranks) if ranks > 1 else []) + cmd)
+    for r in range(ranks):
+        got = _weights(tmp_path / f"rank{r}.npz")
+        for i, (g, want, w0) in enumerate(zip(got, ref, init)):
+            assert _rel_err(want, w0) > 1e-3, f"weight {i} barely trained"
+            assert _rel_err(g, want) < 1e-5, (
+                f"rank {r} weight {i}: relative difference {_rel_err(g, want):.2e} from "
+                f"one process at batch {GLOBAL}")
+
+
+def _overflow_run(tmp_path, passes, bad_pass, *extra):
+    run_job(launcher("gloo", 2) + ["python", "tests/workers/overflow.py", str(tmp_path),
+                                   str(passes), str(bad_pass), *extra])
+    recs = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(2)]
+    n = int(recs[0]["passes"])
+    nw = len([k for k in recs[0] if k.startswith("p0_w")])
+    weights = [[[rec[f"p{p}_w{i}"] for i in range(nw)] for p in range(n)] for rec in recs]
+    scales = [[float(rec[f"scale{p}"]) for p in range(n)] for rec in recs]
+    return n, weights, scales, recs
+
+
+def _moved(a, b):
+    return any(not np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("extra", [(), ("fp16_allreduce",)])
+def test_overflow_on_one_rank_skips_the_step_on_both(tmp_path, extra):
+    n, weights, scales, _ = _overflow_run(tmp_path, 1, 2, *extra)
+    for p in range(n):  # identical across ranks after every step
+        for a, b in zip(weights[0][p], weights[1][p]):
+            np.testing.assert_array_equal(a, b, err_msg=f"ranks differ after step {p}")
+    for r in range(2):
+        assert scales[r] == [2.0 ** 15, 2.0 ** 15, 2.0 ** 14, 2.0 ** 14], f"rank {r}"
+    w = weights[0]
+    assert _moved(w[1], w[0]) and _moved(w[3], w[2])  # good steps update
+    assert not _moved(w[2], w[1])                     # the poisoned step is skipped
+    assert all(np.isfinite(x).all() for x in w[3])
+
+
+def test_overflow_inside_an_accumulation_window_skips_that_update(tmp_path):
+    # 2 passes per update; rank 1 overflows on pass 2, the first pass of update 2, where
+    # its local gradient sum is Inf but no all-reduce has told rank 0 yet
+    n, weights, scales, recs = _overflow_run(tmp_path, 2, 2)
+    assert n == 8 and int(recs[0]["iterations"]) == 8
+    for p in range(n):
+        for a, b in zip(weights[0][p], weights[1][p]):
+            np.testing.assert_array_equal(a, b, err_msg=f"ranks differ after pass {p}")
+    for r in range(2):  # the scale changes once, at the end of the poisoned window
+        assert scales[r] == [2.0 ** 15] * 3 + [2.0 ** 14] * 5, f"rank {r}"
+    w = weights[0]
+    assert not _moved(w[2], w[1]) and not _moved(w[3], w[2])  # no update in window 2
+    assert not _moved(w[0], w[0]) and not _moved(w[4], w[3])  # mid-window passes: no update
+    assert _moved(w[1], w[0]) and _moved(w[5], w[4]) and _moved(w[7], w[6])

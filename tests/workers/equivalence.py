@@ -1,0 +1,50 @@
+"""One run of 5 weight updates at a fixed global batch, split over ranks and passes.
+
+    [horovodrun -np N] python tests/workers/equivalence.py OUT_DIR GLOBAL_BATCH PASSES
+
+Update s uses the same global batch of Fashion-MNIST test images whatever the split: rank r's
+pass j takes rows [(r * PASSES + j) * b, ... + b) of it, b = GLOBAL_BATCH / (N * PASSES).
+The model (mlp: no BatchNorm) starts from the same seed everywhere. Writes rank{r}.npz.
+"""
+
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+import lars_tf
+from lars_tf import LARS, WarmupPolynomialDecay, distributed, models
+from lars_tf.config import TrainConfig
+from lars_tf.data import fashion_mnist
+
+UPDATES = 5
+out_dir, global_batch, passes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+world = lars_tf.init()
+b = global_batch // (world.size * passes)
+
+images, labels = fashion_mnist.load(TrainConfig().resolved_data_dir(), "test")
+images = ((images[: UPDATES * global_batch] / 255.0 - fashion_mnist.MEAN)
+          / fashion_mnist.STD).astype(np.float32)
+labels = labels[: UPDATES * global_batch]
+rows = np.concatenate([
+    np.arange(s * global_batch + (world.rank * passes + j) * b,
+              s * global_batch + (world.rank * passes + j + 1) * b)
+    for s in range(UPDATES) for j in range(passes)
+])
+
+tf.keras.utils.set_random_seed(7)
+model = models.get("mlp", (28, 28, 1), 10)
+schedule = WarmupPolynomialDecay(peak_learning_rate=2.0, warmup_steps=2, total_steps=UPDATES,
+                                 backward_passes_per_step=passes)
+optimizer = distributed.wrap_optimizer(
+    LARS(learning_rate=schedule, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.01),
+    backward_passes_per_step=passes)
+model.compile(optimizer=optimizer,
+              loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+distributed.broadcast_state(model, optimizer)
+initial = model.get_weights()
+model.fit(images[rows], labels[rows], batch_size=b, epochs=1, shuffle=False, verbose=0)
+assert int(optimizer.iterations.numpy()) == UPDATES * passes
+np.savez(f"{out_dir}/rank{world.rank}.npz",
+         **{f"w{i}": w for i, w in enumerate(model.get_weights())},
+         **{f"init{i}": w for i, w in enumerate(initial)})
