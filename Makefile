@@ -11,7 +11,7 @@ TRAIN_FLAGS ?= --model=small_cnn --dataset=fashion_mnist --global_batch_size=409
 	--epochs=30 --optimizer=lars --learning_rate=3.0 --warmup_epochs=3 \
 	--weight_decay=5e-4 --model_dir=runs/fashion_mnist_lars_4k
 
-.PHONY: setup train test lint clean
+.PHONY: setup train test lint bench clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -21,6 +21,12 @@ train: setup
 
 test: setup
 	python -m pytest tests
+
+# Benchmarks write benchmarks/RESULTS.md. Model Garden (the LARS baseline) is installed here
+# only, without its dependencies: the benchmark loads just its lars.py.
+bench: setup
+	python -m pip install -q --no-deps -c constraints.txt tf-models-official
+	python benchmarks/lars_overhead.py
 
 lint: setup
 	ruff check lars_tf models benchmarks tests

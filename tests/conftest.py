@@ -1,6 +1,7 @@
 """Helpers that start real multi-process Horovod jobs."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,14 +33,24 @@ def launcher(kind: str, np_: int = 2) -> list[str]:
     raise ValueError(kind)
 
 
-def run_job(cmd: list[str], timeout: float = 300, **env) -> subprocess.CompletedProcess:
-    """Run a job to completion; fail the test with its output if it fails or hangs."""
+def run_job(cmd: list[str], timeout: float = 300, check: bool = True,
+            **env) -> subprocess.CompletedProcess:
+    """Run a job to completion; fail the test with its output if it fails or hangs.
+
+    The job runs in its own process group, and all of it is killed on timeout, so that no
+    rank outlives its test.
+    """
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=job_env(**env), capture_output=True,
-                              text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"job timed out after {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
-    if proc.returncode != 0:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"job timed out after {timeout}s: {' '.join(cmd)}\n"
+                    f"--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}")
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if check and proc.returncode != 0:
         pytest.fail(f"job failed ({proc.returncode}): {' '.join(cmd)}\n"
                     f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc

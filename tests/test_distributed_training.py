@@ -13,9 +13,20 @@ def _load(path):
         return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
 
 
-@pytest.mark.parametrize("kind", ["gloo", "mpirun"])
-def test_two_ranks_end_with_identical_trained_weights(kind, tmp_path):
-    run_job(launcher(kind) + ["python", "tests/workers/train_dump.py", str(tmp_path)],
+# Gloo: the plain fp32 stack, and bfloat16 compute. MPI: the whole stack, mixed_float16 with
+# loss scaling, float16 all-reduce and 2 accumulated backward passes per update (on the mlp:
+# TensorFlow's CPU float16 convolutions are ~20x slower than float32).
+FULL_STACK = ["model=mlp", "precision=mixed_float16", "fp16_allreduce=True",
+              "backward_passes_per_step=2"]
+
+
+@pytest.mark.parametrize("kind, extra", [
+    ("gloo", []),
+    ("gloo", ["precision=mixed_bfloat16"]),
+    ("mpirun", FULL_STACK),
+], ids=["gloo-fp32", "gloo-bf16", "mpirun-fp16-accum"])
+def test_two_ranks_end_with_identical_trained_weights(kind, extra, tmp_path):
+    run_job(launcher(kind) + ["python", "tests/workers/train_dump.py", str(tmp_path), *extra],
             timeout=300)
     init = [_load(tmp_path / f"init_rank{r}.npz") for r in range(2)]
     final = [_load(tmp_path / f"final_rank{r}.npz") for r in range(2)]
@@ -29,7 +40,10 @@ def test_two_ranks_end_with_identical_trained_weights(kind, tmp_path):
         assert not np.allclose(a, b), f"weight {i} did not change"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 1024
-    assert summary["per_rank_batch_size"] == 512
+    config = dict(a.split("=") for a in extra)
+    assert summary["per_rank_batch_size"] == 1024 // 2 // int(
+        config.get("backward_passes_per_step", 1))
+    assert summary["precision"] == config.get("precision", "fp32")
     # one epoch of LARS on Fashion-MNIST is far above chance (10%)
     assert summary["final_test_accuracy"] > 0.6
     assert summary["images_per_sec"] > 0

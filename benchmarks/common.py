@@ -1,0 +1,51 @@
+"""What every benchmark reports: the machine, the command, peak memory, a RESULTS.md section."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import resource
+import shlex
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"model name\s*:\s*(.+)", f.read())
+            cpu = m.group(1).strip() if m else cpu
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    import tensorflow as tf
+
+    return (f"{len(os.sched_getaffinity(0))} cores ({cpu}), {mem_gib:.0f} GiB, "
+            f"Python {platform.python_version()}, TensorFlow {tf.__version__}, "
+            f"{time.strftime('%Y-%m-%d')}")
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [
+        os.path.relpath(sys.argv[0], RESULTS.parent.parent)] + sys.argv[1:])
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section between this benchmark's markers in RESULTS.md."""
+    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) + 1:]
+    else:
+        text = text.rstrip() + "\n\n" + block
+    RESULTS.write_text(text)

@@ -1,0 +1,113 @@
+"""One optimizer step over ResNet-50's trainable variables: lars_tf.LARS against Keras
+SGD(momentum=0.9) and TF Model Garden's LARS, side by side in one process.
+
+    python benchmarks/lars_overhead.py [--rounds 7] [--steps 10] [--nowrite]
+
+Model Garden's LARS comes from tf-models-official==2.15.0, installed for benchmarks only
+(`make bench` does: pip install --no-deps tf-models-official==2.15.0); only its lars.py,
+which needs nothing but TensorFlow, is loaded. The optimizers take turns within each round,
+so that drift on the machine hits all of them alike; a step is timed as the mean of
+--steps back-to-back steps, and the table gives the median over rounds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from lars_tf import LARS, models  # noqa: E402
+from lars_tf.optimizers import DEFAULT_EXCLUDE  # noqa: E402
+
+flags.DEFINE_integer("rounds", 7, "Timed rounds per optimizer.")
+flags.DEFINE_integer("steps", 10, "Steps per round.")
+flags.DEFINE_float("weight_decay", 5e-5, "Weight decay of both LARS implementations.")
+flags.DEFINE_bool("write", True, "Write the table to benchmarks/RESULTS.md.")
+FLAGS = flags.FLAGS
+
+
+def model_garden_lars():
+    spec = importlib.util.find_spec("official")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("Model Garden is not installed: "
+                         "pip install --no-deps tf-models-official==2.15.0 (make bench does)")
+    path = os.path.join(list(spec.submodule_search_locations)[0],
+                        "modeling", "optimization", "lars.py")
+    module_spec = importlib.util.spec_from_file_location("model_garden_lars", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.LARS
+
+
+def main(argv):
+    del argv
+    variables = models.get("resnet50", (224, 224, 3), 1000).trainable_variables
+    n_params = sum(v.shape.num_elements() for v in variables)
+    grads = [tf.random.normal(v.shape, stddev=1e-3, seed=i) for i, v in enumerate(variables)]
+    MGLARS = model_garden_lars()
+    optimizers = {
+        "Keras SGD(momentum=0.9)": tf.keras.optimizers.SGD(learning_rate=0.1, momentum=0.9),
+        "lars_tf.LARS": LARS(learning_rate=0.1, momentum=0.9,
+                             weight_decay=FLAGS.weight_decay),
+        "Model Garden LARS (2.15.0)": MGLARS(
+            learning_rate=0.1, momentum=0.9, weight_decay_rate=FLAGS.weight_decay,
+            exclude_from_weight_decay=list(DEFAULT_EXCLUDE),
+            exclude_from_layer_adaptation=list(DEFAULT_EXCLUDE)),
+    }
+    steps = {}
+    for name, opt in optimizers.items():
+        def step(opt=opt):
+            opt.apply_gradients(zip(grads, variables))
+        steps[name] = tf.function(step)
+        for _ in range(3):  # trace and warm up
+            steps[name]()
+    times = {name: [] for name in optimizers}
+    names = list(optimizers)
+    for r in range(FLAGS.rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(FLAGS.steps):
+                steps[name]()
+            times[name].append((time.perf_counter() - t0) / FLAGS.steps)
+
+    sgd = statistics.median(times[names[0]])
+    rows = ["| optimizer | ms/step (median) | ms/step (best round) | ratio to SGD |",
+            "|---|---|---|---|"]
+    for name in names:
+        med = statistics.median(times[name])
+        rows.append(f"| {name} | {1e3 * med:.1f} | {1e3 * min(times[name]):.1f} | "
+                    f"{med / sgd:.2f}x |")
+    lars = statistics.median(times["lars_tf.LARS"])
+    mg = statistics.median(times["Model Garden LARS (2.15.0)"])
+    body = "\n".join([
+        "## LARS step overhead (`benchmarks/lars_overhead.py`)",
+        "",
+        f"One `apply_gradients` over ResNet-50 v1.5's {len(variables)} trainable tensors "
+        f"({n_params / 1e6:.1f}M parameters), fixed random gradients, inside `tf.function`; "
+        f"{FLAGS.rounds} rounds x {FLAGS.steps} steps, the optimizers taking turns.",
+        "",
+        f"- command: `{common.command_line()}`",
+        f"- machine: {common.machine_line()}",
+        f"- peak RSS of the process: {common.peak_rss_mb():.0f} MB",
+        "",
+        *rows,
+        "",
+        f"lars_tf.LARS is {lars / sgd:.2f}x the SGD-momentum step and "
+        f"{mg / lars:.2f}x faster than Model Garden's LARS.",
+    ])
+    print(body)
+    if FLAGS.write:
+        common.write_section("lars_overhead", body)
+
+
+if __name__ == "__main__":
+    app.run(main)
