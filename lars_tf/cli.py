@@ -13,6 +13,7 @@ from lars_tf.config import (
     OPTIMIZERS,
     PRECISIONS,
     TrainConfig,
+    check_model_dir,
 )
 
 _D = TrainConfig()
@@ -48,9 +49,29 @@ flags.DEFINE_integer("backward_passes_per_step", _D.backward_passes_per_step,
 flags.DEFINE_float("gradient_predivide_factor", _D.gradient_predivide_factor,
                    "Divide gradients by this before the all-reduce sum and by "
                    "ranks/factor after it.")
+flags.DEFINE_float("label_smoothing", _D.label_smoothing, "Label smoothing of the loss.")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N epochs (and at the end).")
-flags.DEFINE_string("model_dir", None, "Where rank 0 writes summary.json.")
+flags.DEFINE_float("target_accuracy", _D.target_accuracy,
+                   "Report the epoch and wall time at which eval top-1 first reaches this "
+                   "fraction (0: off).")
+flags.DEFINE_string("model_dir", None,
+                    "Where rank 0 writes checkpoints/, tensorboard/ and summary.json.")
+flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every,
+                     "Checkpoint every N epochs and at the end (0: never).")
+flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "Checkpoints to keep.")
+flags.DEFINE_bool("resume", _D.resume,
+                  "Continue from the newest checkpoint in --model_dir (from scratch if none).")
+flags.DEFINE_integer("stop_after_epoch", _D.stop_after_epoch,
+                     "End this run after this epoch, as if preempted; the schedule still "
+                     "spans --epochs. Continue later with --resume (0: off).")
 flags.DEFINE_integer("seed", _D.seed, "Random seed (initialisation and shuffling).")
+flags.DEFINE_bool("deterministic", _D.deterministic,
+                  "Deterministic TensorFlow ops: the same run twice gives the same weights.")
+flags.DEFINE_integer("intra_op_threads", _D.intra_op_threads,
+                     "Threads per op on each rank (0: the node's cores / ranks on the node).")
+flags.DEFINE_integer("inter_op_threads", _D.inter_op_threads,
+                     "Ops run in parallel on each rank (0: max(2, intra_op_threads)).")
+flags.DEFINE_bool("progress_bar", _D.progress_bar, "Keras progress bar on rank 0.")
 
 
 def config_from_flags() -> TrainConfig:
@@ -64,6 +85,14 @@ def _train(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         config = config_from_flags()
+        check_model_dir(config)
+        from lars_tf import data, models
+
+        if config.model not in models.names():
+            raise ValueError(f"--model={config.model!r}: unknown model; registered: "
+                             f"{', '.join(models.names())}")
+        if config.dataset not in data.DATASETS:
+            raise ValueError(f"--dataset={config.dataset!r}: must be one of {data.DATASETS}")
     except ValueError as e:
         logging.error("%s", e)
         sys.exit(2)

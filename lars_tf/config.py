@@ -42,14 +42,40 @@ class TrainConfig:
     fp16_allreduce: bool = False
     backward_passes_per_step: int = 1
     gradient_predivide_factor: float = 1.0
+    label_smoothing: float = 0.0
     eval_every: int = 1
+    target_accuracy: float = 0.0
     model_dir: str | None = None
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 3
+    resume: bool = False
+    stop_after_epoch: int = 0
     seed: int = 0
+    deterministic: bool = False
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    progress_bar: bool = True
 
     def __post_init__(self):
         _positive_int("global_batch_size", self.global_batch_size)
         _positive_int("epochs", self.epochs)
         _positive_int("eval_every", self.eval_every)
+        _positive_int("keep_checkpoints", self.keep_checkpoints)
+        for flag in ("checkpoint_every", "stop_after_epoch", "intra_op_threads",
+                     "inter_op_threads"):
+            _int_at_least(flag, getattr(self, flag), 0)
+        if self.stop_after_epoch > self.epochs:
+            raise ValueError(f"--stop_after_epoch={self.stop_after_epoch} exceeds "
+                             f"--epochs={self.epochs}")
+        _number("label_smoothing", self.label_smoothing, lo=0.0)
+        if self.label_smoothing >= 1.0:
+            raise ValueError(f"--label_smoothing={self.label_smoothing}: must be in [0, 1)")
+        _number("target_accuracy", self.target_accuracy, lo=0.0)
+        if self.target_accuracy > 1.0:
+            raise ValueError(f"--target_accuracy={self.target_accuracy}: must be in [0, 1] "
+                             "(a fraction, e.g. 0.9)")
+        if self.resume and not self.model_dir:
+            raise ValueError("--resume needs --model_dir (where the checkpoints are)")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer={self.optimizer!r}: must be one of {OPTIMIZERS}")
         _number("learning_rate", self.learning_rate, lo_open=0.0)
@@ -98,6 +124,11 @@ def _positive_int(flag: str, value) -> None:
         raise ValueError(f"--{flag}={value!r}: must be an integer >= 1")
 
 
+def _int_at_least(flag: str, value, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"--{flag}={value!r}: must be an integer >= {lo}")
+
+
 def _number(flag: str, value, lo=None, lo_open=None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise ValueError(f"--{flag}={value!r}: must be a number")
@@ -105,3 +136,23 @@ def _number(flag: str, value, lo=None, lo_open=None) -> None:
         raise ValueError(f"--{flag}={value!r}: must be >= {lo}")
     if lo_open is not None and value <= lo_open:
         raise ValueError(f"--{flag}={value!r}: must be > {lo_open}")
+
+
+def check_model_dir(config: TrainConfig) -> None:
+    """Before any worker starts: ``--model_dir`` must be writable, and must not hold
+    checkpoints that this run would mix with its own unless ``--resume`` is given."""
+    if not config.model_dir:
+        return
+    path = os.path.abspath(config.model_dir)
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--model_dir={config.model_dir!r} cannot be written ({probe} is not "
+                         "a writable directory)")
+    ckpts = os.path.join(path, "checkpoints")
+    if not config.resume and os.path.isdir(ckpts) and any(
+            name.startswith("epoch-") for name in os.listdir(ckpts)):
+        raise ValueError(
+            f"--model_dir={config.model_dir!r} already holds checkpoints: pass --resume to "
+            "continue that run, or choose another --model_dir (nothing was overwritten)")

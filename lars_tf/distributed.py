@@ -132,8 +132,9 @@ def allreduce_sum(values, name: str) -> np.ndarray:
     return hvd_tf.allreduce(x, op=hvd_tf.Sum, name=name).numpy()
 
 
-def barrier() -> None:
-    hvd.join()
+def broadcast_object(obj, name: str):
+    """Rank 0's picklable ``obj`` on every rank."""
+    return hvd_tf.broadcast_object(obj, root_rank=0, name=name)
 
 
 def metric_average_callback() -> tf.keras.callbacks.Callback:

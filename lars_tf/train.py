@@ -1,4 +1,4 @@
-"""The trainer: optimizer stack + Keras fit + callbacks + run summary."""
+"""The trainer: optimizer stack + Keras fit + callbacks + checkpoints + run summary."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from lars_tf import checkpoint, distributed, models
 from lars_tf import data as data_lib
-from lars_tf import distributed, models
 from lars_tf import precision as precision_lib
 from lars_tf.config import TrainConfig
 from lars_tf.optimizers import LARS
@@ -74,47 +74,86 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> tf.keras.optim
     )
 
 
+def build_loss(num_classes: int, label_smoothing: float = 0.0):
+    """Cross-entropy on logits and integer labels, with optional label smoothing."""
+    if not label_smoothing:
+        return tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    smoothed = tf.keras.losses.CategoricalCrossentropy(from_logits=True,
+                                                       label_smoothing=label_smoothing)
+
+    def loss(labels, logits):
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+        return smoothed(tf.one_hot(labels, num_classes), logits)
+
+    return loss
+
+
 class Trainer:
     """Train any Keras model with the lars_tf stack on every Horovod rank.
 
-    >>> trainer = Trainer(TrainConfig(epochs=2, model_dir="runs/x"))
+    >>> trainer = Trainer(TrainConfig(epochs=2, model_dir="runs/x"), model=my_model)
     >>> summary = trainer.fit()          # under: horovodrun -np 2 python script.py
 
-    ``model`` defaults to ``config.model`` from the registry; ``datasets`` to
-    ``config.dataset``. Rank 0 alone logs and writes ``model_dir``.
+    ``model`` defaults to ``config.model`` from the registry. ``fit()`` reads
+    ``config.dataset``; or pass ``fit(train_ds, eval_ds, steps_per_epoch=N)`` with this
+    rank's batched ``tf.data`` datasets (the same N on every rank; ``eval_ds`` holds this
+    rank's share of the eval examples). Rank 0 alone logs and writes ``model_dir``:
+    checkpoints, TensorBoard logs and ``summary.json``.
     """
 
     def __init__(self, config: TrainConfig, model: tf.keras.Model | None = None):
         self.config = config
-        self.world = distributed.init()
+        self.world = distributed.init(config.intra_op_threads or None,
+                                      config.inter_op_threads or None)
+        if config.deterministic:
+            tf.config.experimental.enable_op_determinism()
         precision_lib.set_policy(config.precision)
         tf.keras.utils.set_random_seed(config.seed)
         self.model = model
         self.history: list[dict] = []
 
-    def fit(self, datasets: data_lib.Datasets | None = None) -> dict:
+    def fit(self, train: tf.data.Dataset | data_lib.Datasets | None = None,
+            eval: tf.data.Dataset | None = None, steps_per_epoch: int | None = None) -> dict:
         config, world = self.config, self.world
         t_start = time.time()
-        datasets = datasets or data_lib.build(config, world.rank, world.size)
+        resume = self._find_checkpoint()
+        start_epoch = resume[0] if resume else 0
+        datasets = self._datasets(train, eval, steps_per_epoch, start_epoch)
         if self.model is None:
             self.model = models.get(config.model, datasets.input_shape, datasets.num_classes)
         model = self.model
+        num_classes = int(model.outputs[0].shape[-1]) if model.outputs else datasets.num_classes
         optimizer = build_optimizer(config, datasets.steps_per_epoch)
         model.compile(
             optimizer=optimizer,
-            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+            loss=build_loss(num_classes, config.label_smoothing),
+            metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                     tf.keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")],
         )
+        optimizer.build(model.trainable_variables)
+        meta = {}
+        if resume and world.is_chief:
+            meta = checkpoint.restore(resume[1], model, optimizer)
+            logging.info("resumed from %s (epoch %d, step %d)", resume[1], resume[0],
+                         int(optimizer.iterations.numpy()))
+        meta = distributed.broadcast_object(meta, name="lars_tf.resume_meta")
+        self.history = list(meta.get("history", []))
         distributed.broadcast_state(model, optimizer)
+
+        end_epoch = config.stop_after_epoch or config.epochs
         if world.is_chief:
             logging.info(
                 "training %s on %s: %d ranks x %d passes x %d = global batch %d, "
-                "%d updates/epoch, %d epochs, %s lr %.4g, %s", model.name, config.dataset,
-                world.size, config.backward_passes_per_step,
+                "%d updates/epoch, epochs %d-%d of %d, %s lr %.4g, %s", model.name,
+                config.dataset, world.size, config.backward_passes_per_step,
                 config.per_rank_batch_size(world.size), config.global_batch_size,
-                datasets.steps_per_epoch // config.backward_passes_per_step, config.epochs,
-                config.optimizer, config.learning_rate, config.precision)
+                datasets.steps_per_epoch // config.backward_passes_per_step, start_epoch + 1,
+                end_epoch, config.epochs, config.optimizer, config.learning_rate,
+                config.precision)
 
+        elapsed_before = float(meta.get("elapsed_sec", 0.0))
+        tta = _TimeToAccuracy(config.target_accuracy, t_start - elapsed_before,
+                              meta.get("time_to_accuracy"))
         callbacks = [
             distributed.metric_average_callback(),
             _EpochTimer(config.global_batch_size * datasets.steps_per_epoch
@@ -122,35 +161,81 @@ class Trainer:
             _AverageNonTrainable(),
             _GlobalEval(datasets.eval, datasets.eval_examples, config.eval_every,
                         config.epochs),
-            _Record(self.history, optimizer, world.is_chief),
+            tta,
+            _LearningRate(optimizer),
+            _Record(self.history, world.is_chief),
         ]
-        model.fit(
-            datasets.train,
-            epochs=config.epochs,
-            steps_per_epoch=datasets.steps_per_epoch,
-            callbacks=callbacks,
-            verbose=0,
-        )
-        summary = self._summary(datasets, time.time() - t_start)
+        if world.is_chief and config.model_dir:
+            if config.checkpoint_every:
+                callbacks.append(_Checkpoint(config, optimizer, self.history, tta,
+                                             t_start - elapsed_before, end_epoch))
+            callbacks.append(tf.keras.callbacks.TensorBoard(
+                os.path.join(config.model_dir, "tensorboard"), update_freq="epoch",
+                profile_batch=0, write_graph=False))
+        if start_epoch < end_epoch:
+            model.fit(
+                datasets.train,
+                initial_epoch=start_epoch,
+                epochs=end_epoch,
+                steps_per_epoch=datasets.steps_per_epoch,
+                callbacks=callbacks,
+                verbose=1 if (world.is_chief and config.progress_bar) else 0,
+            )
+        summary = self._summary(datasets, elapsed_before + time.time() - t_start, tta,
+                                start_epoch, end_epoch)
         if world.is_chief and config.model_dir:
             _write_json(os.path.join(config.model_dir, SUMMARY_FILE), summary)
             logging.info("summary written to %s", os.path.join(config.model_dir, SUMMARY_FILE))
         return summary
 
-    def _summary(self, datasets: data_lib.Datasets, wall: float) -> dict:
+    def _find_checkpoint(self) -> tuple[int, str] | None:
+        config = self.config
+        found = None
+        if config.resume and self.world.is_chief:
+            found = checkpoint.latest(config.model_dir)
+            if found is None:
+                logging.warning("--resume: no checkpoint in %s yet, starting at epoch 1",
+                                config.model_dir)
+        return distributed.broadcast_object(found, name="lars_tf.resume_from")
+
+    def _datasets(self, train, eval, steps_per_epoch, start_epoch) -> data_lib.Datasets:
+        config, world = self.config, self.world
+        if train is None:
+            return data_lib.build(config, world.rank, world.size, initial_epoch=start_epoch)
+        if isinstance(train, data_lib.Datasets):
+            return train
+        if not steps_per_epoch:
+            raise ValueError("Trainer.fit(train_ds): give steps_per_epoch (the same on every "
+                             "rank), the number of batches of train_ds in one epoch")
+        eval_examples = 0
+        if eval is not None:
+            eval_examples = int(eval.reduce(tf.constant(0, tf.int64),
+                                            lambda n, b: n + tf.shape(b[0], tf.int64)[0]))
+        spec = train.element_spec[0]
+        return data_lib.Datasets(
+            train=train.repeat(), eval=eval, steps_per_epoch=int(steps_per_epoch),
+            train_examples=0, eval_examples=eval_examples,
+            input_shape=tuple(spec.shape[1:]), num_classes=0)
+
+    def _summary(self, datasets, wall: float, tta, start_epoch: int, end_epoch: int) -> dict:
         config, world = self.config, self.world
         peak_mb = np.zeros(world.size)
         peak_mb[world.rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         peak_mb = distributed.allreduce_sum(peak_mb, name="lars_tf.peak_rss")
-        evals = [h["test_accuracy"] for h in self.history if "test_accuracy" in h]
-        # Epoch 1 includes graph tracing; throughput is the mean over the later epochs.
-        speeds = [h["images_per_sec"] for h in self.history[1:]] or \
-            [h["images_per_sec"] for h in self.history]
+        evals = [h for h in self.history if "test_accuracy" in h]
+        # The first epoch of a process includes graph tracing: throughput is the mean of the
+        # others when there are any.
+        timed = [h["images_per_sec"] for h in self.history if "images_per_sec" in h]
+        speeds = timed[1:] if len(timed) > 1 else timed
         return {
-            "final_test_accuracy": evals[-1] if evals else None,
-            "best_test_accuracy": max(evals) if evals else None,
-            "images_per_sec": float(np.mean(speeds)),
+            "final_test_accuracy": evals[-1]["test_accuracy"] if evals else None,
+            "final_test_top5": evals[-1].get("test_top5") if evals else None,
+            "best_test_accuracy": max(h["test_accuracy"] for h in evals) if evals else None,
+            "time_to_accuracy": tta.result,
+            "images_per_sec": float(np.mean(speeds)) if speeds else None,
             "epochs": config.epochs,
+            "epochs_done": end_epoch,
+            "resumed_from_epoch": start_epoch or None,
             "global_batch_size": config.global_batch_size,
             "per_rank_batch_size": config.per_rank_batch_size(world.size),
             "world_size": world.size,
@@ -161,7 +246,7 @@ class Trainer:
             "wall_time_sec": wall,
             "peak_rss_mb_per_rank": [round(float(x), 1) for x in peak_mb],
             "history": self.history,
-            "config": {k: v for k, v in vars(config).items()},
+            "config": dict(vars(config)),
             "versions": distributed.versions(),
         }
 
@@ -202,28 +287,58 @@ class _GlobalEval(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.dataset is None or ((epoch + 1) % self.every and epoch + 1 != self.epochs):
             return
-        local = self.model.evaluate(self.dataset, verbose=0, return_dict=True) \
-            if self.examples else {"loss": 0.0, "accuracy": 0.0}
+        local = {"loss": 0.0, "accuracy": 0.0, "top5": 0.0}
+        if self.examples:
+            local = self.model.evaluate(self.dataset, verbose=0, return_dict=True)
         n = float(self.examples)
         total = distributed.allreduce_sum(
-            [local["loss"] * n, local["accuracy"] * n, n], name="lars_tf.eval")
-        logs["test_loss"] = float(total[0] / total[2])
-        logs["test_accuracy"] = float(total[1] / total[2])
+            [local["loss"] * n, local["accuracy"] * n, local["top5"] * n, n],
+            name="lars_tf.eval")
+        logs["test_loss"] = float(total[0] / total[3])
+        logs["test_accuracy"] = float(total[1] / total[3])
+        logs["test_top5"] = float(total[2] / total[3])
+
+
+class _TimeToAccuracy(tf.keras.callbacks.Callback):
+    """The first epoch, and the wall time since the run began, at which the eval top-1
+    accuracy reached ``target`` (nothing when the target is 0)."""
+
+    def __init__(self, target: float, t_begin: float, result: dict | None):
+        super().__init__()
+        self.target, self.t_begin, self.result = target, t_begin, result
+
+    def on_epoch_end(self, epoch, logs=None):
+        acc = logs.get("test_accuracy")
+        if not self.target or self.result or acc is None or acc < self.target:
+            return
+        self.result = {"target": self.target, "epoch": epoch + 1, "test_accuracy": acc,
+                       "seconds": time.time() - self.t_begin}
+        logs["time_to_accuracy_sec"] = self.result["seconds"]
+
+
+class _LearningRate(tf.keras.callbacks.Callback):
+    """The learning rate that the last update of the epoch used, into the logs."""
+
+    def __init__(self, optimizer):
+        super().__init__()
+        self.optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+
+    def on_epoch_end(self, epoch, logs=None):
+        lr = self.optimizer._learning_rate
+        if callable(lr):
+            lr = lr(self.optimizer.iterations - 1)
+        logs["learning_rate"] = float(lr)
 
 
 class _Record(tf.keras.callbacks.Callback):
     """Keeps the per-epoch history; rank 0 logs one line per epoch."""
 
-    def __init__(self, history: list, optimizer, chief: bool):
+    def __init__(self, history: list, chief: bool):
         super().__init__()
-        self.history, self.optimizer, self.chief = history, optimizer, chief
+        self.history, self.chief = history, chief
 
     def on_epoch_end(self, epoch, logs=None):
-        opt = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        lr = opt._learning_rate
-        if callable(lr):
-            lr = lr(opt.iterations)
-        row = {"epoch": epoch + 1, "learning_rate": float(lr)}
+        row = {"epoch": epoch + 1}
         row.update({k: float(v) for k, v in (logs or {}).items()})
         self.history.append(row)
         if self.chief:
@@ -234,6 +349,28 @@ class _Record(tf.keras.callbacks.Callback):
                 row.get("accuracy", math.nan),
                 "  -   " if test is None else f"{test:.4f}", row["learning_rate"],
                 row["images_per_sec"])
+
+
+class _Checkpoint(tf.keras.callbacks.Callback):
+    """Rank 0: an atomic checkpoint every N epochs and at the last epoch of this run."""
+
+    def __init__(self, config: TrainConfig, optimizer, history: list, tta, t_begin: float,
+                 end_epoch: int):
+        super().__init__()
+        self.config, self.optimizer, self.history = config, optimizer, history
+        self.tta, self.t_begin, self.end_epoch = tta, t_begin, end_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        if done % self.config.checkpoint_every and done != self.end_epoch:
+            return
+        meta = {"history": list(self.history),  # _Record has added this epoch
+                "elapsed_sec": time.time() - self.t_begin,
+                "time_to_accuracy": self.tta.result,
+                "step": int(self.optimizer.iterations.numpy())}
+        path = checkpoint.save(self.config.model_dir, done, self.model, self.optimizer, meta,
+                               keep=self.config.keep_checkpoints)
+        logging.info("checkpoint %s", path)
 
 
 def _write_json(path: str, obj) -> None:

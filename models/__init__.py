@@ -37,4 +37,4 @@ def get(name: str, input_shape, num_classes: int, **kwargs) -> tf.keras.Model:
     return _REGISTRY[name](tuple(input_shape), int(num_classes), **kwargs)
 
 
-from lars_tf.models import resnet, small  # noqa: E402,F401  (registers the models)
+from lars_tf.models import alexnet, resnet, small  # noqa: E402,F401  (registers the models)

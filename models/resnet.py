@@ -49,3 +49,32 @@ def resnet50(input_shape=(224, 224, 3), num_classes: int = 1000,
     outputs = layers.Dense(num_classes, dtype="float32", name="logits",
                            kernel_initializer=tf.keras.initializers.RandomNormal(stddev=0.01))(x)
     return tf.keras.Model(inputs, outputs, name="resnet50")
+
+
+def _basic_block(x, filters, stride, name):
+    y = _conv_bn(x, filters, 3, stride, f"{name}_1")
+    y = _conv_bn(y, filters, 3, 1, f"{name}_2", relu=False)
+    shortcut = x
+    if stride != 1 or x.shape[-1] != filters:
+        # He et al.'s option A: subsample and zero-pad the channels, no parameters
+        pad = filters - x.shape[-1]
+        shortcut = layers.Lambda(
+            lambda t: tf.pad(t[:, ::stride, ::stride, :], [[0, 0], [0, 0], [0, 0], [0, pad]]),
+            name=f"{name}_shortcut")(x)
+    return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
+
+
+@register("resnet20")
+def resnet20(input_shape=(32, 32, 3), num_classes: int = 10) -> tf.keras.Model:
+    """ResNet-20 for 28-32 px images (He et al. 2016, section 4.2): three stages of three
+    basic blocks (16, 32, 64 filters), parameter-free shortcuts. 269,722 trainable parameters
+    at 32x32x3 and 10 classes."""
+    inputs = tf.keras.Input(shape=input_shape, name="image")
+    x = _conv_bn(inputs, 16, 3, 1, "stem")
+    for s, filters in enumerate((16, 32, 64)):
+        for b in range(3):
+            x = _basic_block(x, filters, 2 if (b == 0 and s > 0) else 1,
+                             f"stage{s + 1}_block{b + 1}")
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    return tf.keras.Model(inputs, outputs, name="resnet20")

@@ -31,10 +31,15 @@ class Datasets:
     num_classes: int
 
 
-def build(config, rank: int, size: int, eval_batch_size: int = 1000) -> Datasets:
-    """The datasets of ``config.dataset`` for one rank of ``size``."""
+def build(config, rank: int, size: int, eval_batch_size: int = 1000,
+          initial_epoch: int = 0) -> Datasets:
+    """The datasets of ``config.dataset`` for one rank of ``size``.
+
+    ``train`` starts at ``initial_epoch``: epoch ``e``'s order depends only on
+    ``(config.seed, rank, e)``, so a resumed run sees the batches an uninterrupted run would.
+    """
     if config.dataset == "fashion_mnist":
-        return _fashion_mnist(config, rank, size, eval_batch_size)
+        return _fashion_mnist(config, rank, size, eval_batch_size, initial_epoch)
     raise ValueError(f"--dataset={config.dataset!r}: must be one of {DATASETS}")
 
 
@@ -42,7 +47,17 @@ def _normalize(images: tf.Tensor) -> tf.Tensor:
     return (tf.cast(images, tf.float32) / 255.0 - fashion_mnist.MEAN) / fashion_mnist.STD
 
 
-def _fashion_mnist(config, rank: int, size: int, eval_batch_size: int) -> Datasets:
+def epoch_permutations(n: int, seed: int, rank: int, initial_epoch: int) -> tf.data.Dataset:
+    """One permutation of ``range(n)`` per epoch from ``initial_epoch`` on, forever; epoch
+    ``e``'s is a pure function of ``(seed, rank, e)`` (stateless random ops)."""
+    return tf.data.Dataset.range(initial_epoch, 2 ** 62).map(
+        lambda e: tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64),
+            seed=tf.stack([tf.constant(seed * 1000003 + rank, tf.int64), e])))
+
+
+def _fashion_mnist(config, rank: int, size: int, eval_batch_size: int,
+                   initial_epoch: int) -> Datasets:
     data_dir = config.resolved_data_dir()
     batch = config.per_rank_batch_size(size)
     images, labels = fashion_mnist.load(data_dir, "train")
@@ -60,14 +75,12 @@ def _fashion_mnist(config, rank: int, size: int, eval_batch_size: int) -> Datase
     shard_y = tf.constant(labels[rank::size])
     n = int(shard_y.shape[0])
 
-    # Shuffle indices, not images: a per-epoch permutation (reshuffled every pass, seeded so
-    # runs repeat), batched, then one vectorised gather + normalise per batch.
+    # Shuffle indices, not images: a seeded permutation per epoch, cut into `steps` batches,
+    # then one vectorised gather + normalise per batch.
     train = (
-        tf.data.Dataset.range(n)
-        .shuffle(n, seed=config.seed + rank, reshuffle_each_iteration=True)
-        .batch(batch, drop_remainder=True)
-        .take(steps)
-        .repeat()
+        epoch_permutations(n, config.seed, rank, initial_epoch)
+        .flat_map(lambda perm: tf.data.Dataset.from_tensor_slices(
+            tf.reshape(perm[: steps * batch], [steps, batch])))
         .map(lambda idx: (_normalize(tf.gather(shard_x, idx)), tf.gather(shard_y, idx)),
              num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)

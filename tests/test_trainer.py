@@ -1,0 +1,118 @@
+"""lars-train and lars_tf.Trainer end to end: flags, resume, time-to-accuracy, custom models."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lars_tf import TrainConfig
+from tests.conftest import BIN, job_env, launcher, run_job
+
+SHORT = ["--model=small_cnn", "--global_batch_size=4096", "--epochs=2", "--learning_rate=3.0",
+         "--warmup_epochs=0.5", "--deterministic", "--keep_checkpoints=1",
+         "--noprogress_bar"]
+
+
+def _train(model_dir, *flags, timeout=300):
+    return run_job(launcher("gloo") + ["lars-train", f"--model_dir={model_dir}", *SHORT,
+                                       *flags], timeout=timeout)
+
+
+def _checkpoint_tensors(model_dir):
+    ckpts = sorted(os.listdir(os.path.join(model_dir, "checkpoints")))
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints", ckpts[-1], "ckpt"))
+    return ckpts, {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+                   if "OBJECT_GRAPH" not in k}
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _train(straight, "--target_accuracy=0.6")
+    _train(split, "--stop_after_epoch=1")
+    stopped = json.loads((split / "summary.json").read_text())
+    assert stopped["epochs_done"] == 1 and len(stopped["history"]) == 1
+    _train(split, "--resume")
+
+    ckpts_a, a = _checkpoint_tensors(straight)
+    ckpts_b, b = _checkpoint_tensors(split)
+    assert ckpts_a == ckpts_b == ["epoch-000002"]  # --keep_checkpoints=1
+    assert a.keys() == b.keys()
+    weights = [k for k in a if "model/" in k]
+    assert len(weights) >= 14  # 10 trainable + 4 BatchNorm moving statistics, at least
+    # the optimizer's state: step counter and one momentum slot per trainable tensor
+    slots = [k for k in a if k.startswith("optimizer/_variables/")]
+    assert len(slots) == 10 and all(np.abs(a[k]).sum() > 0 for k in slots)
+    assert int(a["optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"]) == 2 * 14
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+    sa = json.loads((straight / "summary.json").read_text())
+    sb = json.loads((split / "summary.json").read_text())
+    assert sb["resumed_from_epoch"] == 1 and len(sb["history"]) == 2
+    assert sb["final_test_accuracy"] == pytest.approx(sa["final_test_accuracy"], abs=1e-6)
+    # time to accuracy: reached, with the epoch and a positive wall time
+    tta = sa["time_to_accuracy"]
+    assert tta["target"] == 0.6 and tta["epoch"] in (1, 2) and tta["seconds"] > 0
+    assert tta["test_accuracy"] >= 0.6
+    assert sa["history"][tta["epoch"] - 1]["test_accuracy"] >= 0.6
+    assert sa["final_test_top5"] > sa["final_test_accuracy"]
+    assert os.listdir(straight / "tensorboard")
+
+
+def test_custom_keras_model_through_the_python_api(tmp_path):
+    run_job(launcher("gloo") + ["python", "tests/workers/custom_model.py", str(tmp_path)])
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    for k in ranks[0].files:
+        np.testing.assert_array_equal(ranks[0][k], ranks[1][k], err_msg=k)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs_done"] == 2
+    assert summary["final_test_accuracy"] > 0.7
+    assert summary["time_to_accuracy"] is None  # no target asked for
+
+
+def _cli(*flags):
+    return subprocess.run([str(BIN / "lars-train"), *flags], env=job_env(), text=True,
+                          capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--global_batch_size=-1"], "--global_batch_size=-1"),
+    (["--model=resnet51"], "--model='resnet51'"),
+    (["--dataset=imagenet"], "--dataset='imagenet'"),
+    (["--resume"], "--resume needs --model_dir"),
+    (["--precision=fp8"], "--precision"),
+    (["--target_accuracy=90"], "--target_accuracy=90"),
+    (["--stop_after_epoch=40", "--epochs=30"], "--stop_after_epoch=40"),
+    (["--backward_passes_per_step=0"], "--backward_passes_per_step=0"),
+    (["--data_dir=/nonexistent/fashion"], "--data_dir='/nonexistent/fashion'"),
+])
+def test_bad_flags_stop_before_training(flags, message):
+    proc = _cli(*flags, "--epochs=30" if "--epochs=30" not in flags else "--seed=0")
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "epoch   1" not in proc.stderr
+
+
+def test_existing_checkpoints_are_never_overwritten_without_resume(tmp_path):
+    ckpt = tmp_path / "checkpoints" / "epoch-000003"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text('{"epoch": 3}')
+    proc = _cli(f"--model_dir={tmp_path}")
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+    assert (ckpt / "meta.json").read_text() == '{"epoch": 3}'
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
+
+
+def test_every_config_field_is_a_flag():
+    proc = subprocess.run([sys.executable, "-c", "import lars_tf.cli as c; "
+                           "print(' '.join(c.FLAGS))"], env=job_env(), text=True,
+                          capture_output=True, timeout=120)
+    flag_names = set(proc.stdout.split())
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert fields <= flag_names, fields - flag_names

@@ -1,0 +1,51 @@
+"""The Python API with a user's own model and tf.data pipelines, on each of 2 ranks.
+
+    horovodrun -np 2 python tests/workers/custom_model.py OUT_DIR
+"""
+
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+import lars_tf
+from lars_tf.data import fashion_mnist
+
+
+class TinyNet(tf.keras.Model):
+    """A subclassed model that no registry knows."""
+
+    def __init__(self):
+        super().__init__(name="tiny_net")
+        self.conv = tf.keras.layers.Conv2D(16, 3, strides=2, activation="relu")
+        self.norm = tf.keras.layers.BatchNormalization(momentum=0.9)
+        self.flat = tf.keras.layers.Flatten()
+        self.out = tf.keras.layers.Dense(10)
+
+    def call(self, x, training=False):
+        return self.out(self.flat(self.norm(self.conv(x), training=training)))
+
+
+out_dir = sys.argv[1]
+world = lars_tf.init()
+config = lars_tf.TrainConfig(epochs=2, global_batch_size=512, learning_rate=2.0,
+                             warmup_epochs=0.5, model_dir=out_dir)
+x, y = fashion_mnist.load(config.resolved_data_dir(), "train")
+tx, ty = fashion_mnist.load(config.resolved_data_dir(), "test")
+per_rank = config.global_batch_size // world.size
+
+
+def prep(images, labels):
+    return tf.cast(images, tf.float32) / 255.0, labels
+
+
+train = (tf.data.Dataset.from_tensor_slices((x, y)).shard(world.size, world.rank)
+         .shuffle(10000, seed=world.rank).batch(per_rank, drop_remainder=True).map(prep))
+test = (tf.data.Dataset.from_tensor_slices((tx, ty)).shard(world.size, world.rank)
+        .batch(1000).map(prep))
+tf.keras.utils.set_random_seed(world.rank)  # different starts: the broadcast must fix them
+model = TinyNet()
+model.build((None, 28, 28, 1))
+summary = lars_tf.Trainer(config, model=model).fit(train, test,
+                                                   steps_per_epoch=30000 // per_rank)
+np.savez(f"{out_dir}/rank{world.rank}.npz", *model.get_weights())
