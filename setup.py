@@ -16,6 +16,7 @@ setup(
     entry_points={
         "console_scripts": [
             "lars-train=lars_tf.cli:train_main",
+            "lars-convert=lars_tf.convert_cli:main",
         ],
     },
 )

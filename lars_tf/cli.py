@@ -20,10 +20,25 @@ _D = TrainConfig()
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("model", _D.model, "Registered model name (lars_tf.models.names()).")
-flags.DEFINE_string("dataset", _D.dataset, "Dataset: fashion_mnist.")
+flags.DEFINE_string(
+    "dataset", _D.dataset,
+    "fashion_mnist (the idx files), imagenet (train-*/validation-* TFRecord shards in "
+    "--data_dir), or synthetic (random images, for throughput).")
 flags.DEFINE_string(
     "data_dir", None,
-    f"Dataset folder. Default: ${DATA_DIR_ENV}, else {DEFAULT_FASHION_MNIST_DIR}.")
+    f"Dataset folder. Fashion-MNIST default: ${DATA_DIR_ENV}, else "
+    f"{DEFAULT_FASHION_MNIST_DIR}.")
+flags.DEFINE_integer("image_size", _D.image_size, "imagenet/synthetic: image side in pixels.")
+flags.DEFINE_integer("num_classes", _D.num_classes, "imagenet/synthetic: number of classes.")
+flags.DEFINE_integer("label_offset", _D.label_offset,
+                     "imagenet: subtracted from stored labels (1 for 1-based files).")
+flags.DEFINE_integer("train_examples", _D.train_examples,
+                     "imagenet: training examples (0: count the records; 1281167 for "
+                     "ImageNet-1k); synthetic: examples per epoch (0: 10 global batches).")
+flags.DEFINE_integer("shuffle_buffer", _D.shuffle_buffer, "imagenet: shuffle buffer per rank.")
+flags.DEFINE_bool("cache", _D.cache, "imagenet: keep this rank's parsed records in memory.")
+flags.DEFINE_bool("strict_data", _D.strict_data,
+                  "A corrupt JPEG stops the run (default: skipped, counted and named).")
 flags.DEFINE_integer("global_batch_size", _D.global_batch_size,
                      "Examples per weight update, summed over all ranks.")
 flags.DEFINE_integer("epochs", _D.epochs, "Training epochs.")
@@ -96,6 +111,8 @@ def _train(argv):
     except ValueError as e:
         logging.error("%s", e)
         sys.exit(2)
+    import tensorflow as tf
+
     from lars_tf.train import Trainer  # imports Horovod: only once the flags are good
 
     try:
@@ -103,6 +120,9 @@ def _train(argv):
     except (ValueError, FileNotFoundError) as e:
         logging.error("%s", e)
         sys.exit(2)
+    except tf.errors.InvalidArgumentError as e:  # --strict_data, or a label out of range
+        logging.error("bad input data: %s", e.message.splitlines()[0][:2000])
+        sys.exit(3)
 
 
 def train_main():

@@ -28,6 +28,13 @@ class TrainConfig:
     model: str = "small_cnn"
     dataset: str = "fashion_mnist"
     data_dir: str | None = None
+    image_size: int = 224
+    num_classes: int = 1000
+    label_offset: int = 0
+    train_examples: int = 0
+    shuffle_buffer: int = 10000
+    cache: bool = False
+    strict_data: bool = False
     global_batch_size: int = 4096
     epochs: int = 30
     optimizer: str = "lars"
@@ -58,6 +65,10 @@ class TrainConfig:
 
     def __post_init__(self):
         _positive_int("global_batch_size", self.global_batch_size)
+        for flag in ("image_size", "num_classes", "shuffle_buffer"):
+            _positive_int(flag, getattr(self, flag))
+        for flag in ("label_offset", "train_examples"):
+            _int_at_least(flag, getattr(self, flag), 0)
         _positive_int("epochs", self.epochs)
         _positive_int("eval_every", self.eval_every)
         _positive_int("keep_checkpoints", self.keep_checkpoints)

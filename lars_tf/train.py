@@ -159,8 +159,8 @@ class Trainer:
             _EpochTimer(config.global_batch_size * datasets.steps_per_epoch
                         // config.backward_passes_per_step),
             _AverageNonTrainable(),
-            _GlobalEval(datasets.eval, datasets.eval_examples, config.eval_every,
-                        config.epochs),
+            _GlobalEval(datasets.eval, config.eval_every, config.epochs, num_classes),
+            _SkippedRecords(datasets.skipped),
             tta,
             _LearningRate(optimizer),
             _Record(self.history, world.is_chief),
@@ -201,20 +201,17 @@ class Trainer:
     def _datasets(self, train, eval, steps_per_epoch, start_epoch) -> data_lib.Datasets:
         config, world = self.config, self.world
         if train is None:
-            return data_lib.build(config, world.rank, world.size, initial_epoch=start_epoch)
+            return data_lib.build(config, world.rank, world.size, initial_epoch=start_epoch,
+                                  threads=distributed.threads_per_rank(world.local_size))
         if isinstance(train, data_lib.Datasets):
             return train
         if not steps_per_epoch:
             raise ValueError("Trainer.fit(train_ds): give steps_per_epoch (the same on every "
                              "rank), the number of batches of train_ds in one epoch")
-        eval_examples = 0
-        if eval is not None:
-            eval_examples = int(eval.reduce(tf.constant(0, tf.int64),
-                                            lambda n, b: n + tf.shape(b[0], tf.int64)[0]))
         spec = train.element_spec[0]
         return data_lib.Datasets(
             train=train.repeat(), eval=eval, steps_per_epoch=int(steps_per_epoch),
-            train_examples=0, eval_examples=eval_examples,
+            train_examples=0, eval_examples=None,
             input_shape=tuple(spec.shape[1:]), num_classes=0)
 
     def _summary(self, datasets, wall: float, tta, start_epoch: int, end_epoch: int) -> dict:
@@ -278,25 +275,57 @@ class _AverageNonTrainable(tf.keras.callbacks.Callback):
 
 
 class _GlobalEval(tf.keras.callbacks.Callback):
-    """Exact eval over all ranks: each rank scores its shard, sums are all-reduced."""
+    """Exact eval over all ranks: each rank sums loss, top-1 and top-5 hits and examples over
+    its share of the eval set (which it counts as it goes), and the sums are all-reduced."""
 
-    def __init__(self, dataset, examples: int, every: int, epochs: int):
+    def __init__(self, dataset, every: int, epochs: int, num_classes: int):
         super().__init__()
-        self.dataset, self.examples, self.every, self.epochs = dataset, examples, every, epochs
+        self.dataset, self.every, self.epochs = dataset, every, epochs
+        self.top_k = min(5, max(1, num_classes))
+        self._step = None
+
+    def _sums(self, images, labels):
+        logits = tf.cast(self.model(images, training=False), tf.float32)
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+        loss = tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+        def hits(k):
+            return tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, k), tf.float64))
+
+        return tf.stack([tf.reduce_sum(tf.cast(loss, tf.float64)), hits(1), hits(self.top_k),
+                         tf.cast(tf.shape(labels)[0], tf.float64)])
 
     def on_epoch_end(self, epoch, logs=None):
         if self.dataset is None or ((epoch + 1) % self.every and epoch + 1 != self.epochs):
             return
-        local = {"loss": 0.0, "accuracy": 0.0, "top5": 0.0}
-        if self.examples:
-            local = self.model.evaluate(self.dataset, verbose=0, return_dict=True)
-        n = float(self.examples)
-        total = distributed.allreduce_sum(
-            [local["loss"] * n, local["accuracy"] * n, local["top5"] * n, n],
-            name="lars_tf.eval")
-        logs["test_loss"] = float(total[0] / total[3])
-        logs["test_accuracy"] = float(total[1] / total[3])
-        logs["test_top5"] = float(total[2] / total[3])
+        if self._step is None:
+            self._step = tf.function(self._sums)
+        local = np.zeros(4)
+        for images, labels in self.dataset:
+            local += self._step(images, labels).numpy()
+        total = distributed.allreduce_sum(local, name="lars_tf.eval")
+        n = max(total[3], 1.0)
+        logs["test_loss"] = float(total[0] / n)
+        logs["test_accuracy"] = float(total[1] / n)
+        logs["test_top5"] = float(total[2] / n)
+        logs["test_examples"] = int(total[3])
+
+
+class _SkippedRecords(tf.keras.callbacks.Callback):
+    """Corrupt records skipped so far, summed over ranks (each was named on stderr)."""
+
+    def __init__(self, counter):
+        super().__init__()
+        self.counter = counter
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.counter is None:
+            return
+        total = int(distributed.allreduce_sum([float(self.counter.numpy())],
+                                              name="lars_tf.skipped")[0])
+        logs["skipped_records"] = total
+        if total:
+            logging.warning("%d corrupt records skipped so far (named above)", total)
 
 
 class _TimeToAccuracy(tf.keras.callbacks.Callback):

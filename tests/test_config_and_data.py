@@ -84,7 +84,7 @@ def test_rank_shards_cover_their_examples_once_with_equal_steps():
 
 
 def test_each_epoch_is_reshuffled_and_seeded():
-    config = TrainConfig(global_batch_size=6000, data_dir=FMNIST, seed=5)
+    config = TrainConfig(global_batch_size=6000, data_dir=FMNIST, seed=5, deterministic=True)
     d = data_lib.build(config, 0, 1)
     steps = d.steps_per_epoch
     labels = [y.numpy() for _, y in d.train.take(2 * steps)]

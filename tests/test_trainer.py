@@ -83,7 +83,9 @@ def _cli(*flags):
 @pytest.mark.parametrize("flags, message", [
     (["--global_batch_size=-1"], "--global_batch_size=-1"),
     (["--model=resnet51"], "--model='resnet51'"),
-    (["--dataset=imagenet"], "--dataset='imagenet'"),
+    (["--dataset=cifar10"], "--dataset='cifar10'"),
+    (["--dataset=imagenet"], "--dataset=imagenet needs --data_dir"),
+    (["--dataset=imagenet", "--data_dir=/tmp"], "has no train shards (train-*-of-*)"),
     (["--resume"], "--resume needs --model_dir"),
     (["--precision=fp8"], "--precision"),
     (["--target_accuracy=90"], "--target_accuracy=90"),

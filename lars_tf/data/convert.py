@@ -1,0 +1,121 @@
+"""Image folder (one subfolder per class) -> sharded TFRecords in the ImageNet schema.
+
+Classes are the subfolder names in sorted order (label 0, 1, ...). A JPEG that is whole is
+stored as it is; another image format TensorFlow can decode (PNG, GIF, BMP) is re-encoded as
+JPEG; a file that cannot be decoded is skipped and listed in the report. Shards are written
+in parallel worker processes, each to a temporary name renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+
+
+@dataclass
+class Report:
+    split: str
+    classes: list[str]
+    written: int = 0
+    shards: list[str] = field(default_factory=list)
+    reencoded: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"file": ..., "error": ...}
+
+
+def list_images(input_dir: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """``(classes, [(path, label), ...])`` of an image folder; errors name the folder."""
+    if not os.path.isdir(input_dir):
+        raise FileNotFoundError(f"--input_dir={input_dir!r} is not a directory")
+    classes = sorted(d for d in os.listdir(input_dir)
+                     if os.path.isdir(os.path.join(input_dir, d)))
+    if not classes:
+        raise ValueError(f"--input_dir={input_dir!r} has no class subfolders")
+    items = []
+    for label, name in enumerate(classes):
+        folder = os.path.join(input_dir, name)
+        for f in sorted(os.listdir(folder)):
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                items.append((os.path.join(folder, f), label))
+    if not items:
+        raise ValueError(f"--input_dir={input_dir!r} holds no images ({IMAGE_EXTENSIONS})")
+    return classes, items
+
+
+def _write_shard(job) -> dict:
+    """Worker: one shard file. Imports TensorFlow in the worker process."""
+    path, items, classes = job
+    import tensorflow as tf
+
+    from lars_tf.data.preprocessing import is_valid_jpeg
+
+    def feature(value):
+        if isinstance(value, int):
+            return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    done = {"written": 0, "reencoded": [], "skipped": []}
+    tmp = path + ".tmp"
+    with tf.io.TFRecordWriter(tmp) as writer:
+        for file, label in items:
+            try:
+                with open(file, "rb") as f:
+                    raw = f.read()
+                image = tf.io.decode_image(raw, channels=3, expand_animations=False)
+                if not bool(is_valid_jpeg(tf.constant(raw))):
+                    raw = tf.io.encode_jpeg(image, quality=95).numpy()
+                    done["reencoded"].append(file)
+            except (OSError, tf.errors.OpError) as e:
+                msg = getattr(e, "message", None) or str(e)
+                done["skipped"].append({"file": file, "error": msg.splitlines()[0][:300]})
+                continue
+            example = tf.train.Example(features=tf.train.Features(feature={
+                "image/encoded": feature(raw),
+                "image/format": feature(b"JPEG"),
+                "image/class/label": feature(label),
+                "image/class/text": feature(classes[label].encode()),
+                "image/filename": feature(os.path.basename(file).encode()),
+                "image/height": feature(int(image.shape[0])),
+                "image/width": feature(int(image.shape[1])),
+            }))
+            writer.write(example.SerializeToString())
+            done["written"] += 1
+    os.replace(tmp, path)
+    return done
+
+
+def convert(input_dir: str, output_dir: str, split: str = "train", num_shards: int = 8,
+            workers: int | None = None, seed: int = 0,
+            progress: Callable[[int, int], None] | None = None) -> Report:
+    """Write ``output_dir/{split}-NNNNN-of-MMMMM`` shards, ``labels.txt`` and
+    ``report-{split}.json``; ``progress(done_shards, num_shards)`` is called as shards end."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"--split={split!r}: must be train or validation")
+    if num_shards < 1:
+        raise ValueError(f"--num_shards={num_shards}: must be >= 1")
+    classes, items = list_images(input_dir)
+    random.Random(seed).shuffle(items)  # shards mix the classes
+    os.makedirs(output_dir, exist_ok=True)
+    jobs = [(os.path.join(output_dir, f"{split}-{i:05d}-of-{num_shards:05d}"),
+             items[i::num_shards], classes) for i in range(num_shards)]
+    report = Report(split=split, classes=classes)
+    workers = max(1, min(workers or os.cpu_count() or 1, num_shards))
+    ctx = multiprocessing.get_context("spawn")  # TensorFlow is not fork-safe
+    with ctx.Pool(workers) as pool:
+        for n, (job, done) in enumerate(zip(jobs, pool.imap(_write_shard, jobs)), start=1):
+            report.shards.append(job[0])
+            report.written += done["written"]
+            report.reencoded += done["reencoded"]
+            report.skipped += done["skipped"]
+            if progress:
+                progress(n, num_shards)
+    with open(os.path.join(output_dir, "labels.txt"), "w") as f:
+        f.write("\n".join(classes) + "\n")
+    with open(os.path.join(output_dir, f"report-{split}.json"), "w") as f:
+        json.dump(report.__dict__, f, indent=1)
+    return report

@@ -1,0 +1,115 @@
+"""ImageNet-format TFRecord shards: ``train-*`` and ``validation-*`` in one folder.
+
+Each record is a ``tf.train.Example`` with ``image/encoded`` (JPEG bytes) and
+``image/class/label`` (int64; 0-based, or 1-based as in the files of TF's
+build_imagenet_data.py: give ``label_offset=1``), and optionally the bounding boxes
+``image/object/bbox/{ymin,xmin,ymax,xmax}`` (fractions) that the training crop then covers.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+import tensorflow as tf
+from absl import logging
+
+from lars_tf.data import preprocessing
+
+SPLIT_PATTERNS = {"train": "train-*-of-*", "validation": "validation-*-of-*"}
+_BOX = ("ymin", "xmin", "ymax", "xmax")
+FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+    **{f"image/object/bbox/{k}": tf.io.VarLenFeature(tf.float32) for k in _BOX},
+}
+
+
+def split_files(data_dir: str, split: str) -> list[str]:
+    """The split's shard files, sorted; a clear error when there are none."""
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"--data_dir={data_dir!r} is not a directory")
+    pattern = os.path.join(data_dir, SPLIT_PATTERNS[split])
+    files = sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
+    if not files:
+        raise FileNotFoundError(
+            f"--data_dir={data_dir!r} has no {split} shards ({SPLIT_PATTERNS[split]}): "
+            "make them with lars-convert, or point --data_dir at ImageNet TFRecords")
+    return files
+
+
+def count_records(files: list[str]) -> int:
+    """Records in ``files`` (reads them, decodes nothing)."""
+    return int(tf.data.TFRecordDataset(files).reduce(tf.constant(0, tf.int64),
+                                                     lambda n, _: n + 1))
+
+
+def parse(record: tf.Tensor, label_offset: int = 0):
+    """``(jpeg_bytes, label, bbox [1, N, 4])`` of one serialized Example."""
+    f = tf.io.parse_single_example(record, FEATURES)
+    box = tf.stack([tf.sparse.to_dense(f[f"image/object/bbox/{k}"]) for k in _BOX], axis=-1)
+    return f["image/encoded"], tf.cast(f["image/class/label"] - label_offset, tf.int32), \
+        box[None]
+
+
+def check_labels(files: list[str], num_classes: int, label_offset: int, records: int = 256):
+    """Look at the first records of the first shard before training: labels outside
+    ``[0, num_classes)`` after ``label_offset`` mean a wrong ``--label_offset`` or
+    ``--num_classes``, so fail now rather than mid-epoch."""
+    for i, rec in enumerate(tf.data.TFRecordDataset(files[:1]).take(records)):
+        label = int(tf.io.parse_single_example(rec, FEATURES)["image/class/label"])
+        if not 0 <= label - label_offset < num_classes:
+            raise ValueError(
+                f"{files[0]}: record {i} has label {label}, which with --label_offset="
+                f"{label_offset} is outside [0, --num_classes={num_classes})")
+
+
+def records(files: list[str], deterministic: bool, cycle_length: int = 16) -> tf.data.Dataset:
+    """``(serialized, file, index_in_file)`` from ``files``, interleaved in parallel. A
+    truncated or corrupt shard ends early with a warning instead of ending the run."""
+    def read(path):
+        return (tf.data.TFRecordDataset(path, buffer_size=1 << 20).enumerate()
+                .map(lambda i, r: (r, path, i))
+                .apply(tf.data.experimental.ignore_errors(log_warning=True)))
+
+    return tf.data.Dataset.from_tensor_slices(files).interleave(
+        read, cycle_length=min(cycle_length, len(files)), block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+
+
+def keep_valid(skipped: tf.Variable, strict: bool):
+    """A filter: drops (and counts, and names on stderr) records whose JPEG is corrupt; with
+    ``strict`` a corrupt record is an error naming its file and index."""
+    def keep(image_bytes, label, bbox, path, index):
+        ok = preprocessing.is_valid_jpeg(image_bytes)
+        if strict:
+            with tf.control_dependencies([tf.debugging.Assert(
+                    ok, ["corrupt JPEG in", path, "record", index, "(--strict_data)"])]):
+                return tf.identity(ok)
+
+        def report():
+            tf.print("lars_tf: skipping corrupt JPEG in", path, "record", index,
+                     output_stream=sys.stderr)
+            skipped.assign_add(1)
+            return tf.constant(False)
+
+        return tf.cond(ok, lambda: tf.constant(True), report)
+
+    return keep
+
+
+def check_label_range(num_classes: int):
+    def check(image_bytes, label, bbox, path, index):
+        ok = tf.logical_and(label >= 0, label < num_classes)
+        with tf.control_dependencies([tf.debugging.Assert(
+                ok, ["label out of range in", path, "record", index, "label", label])]):
+            return tf.identity(image_bytes), label, bbox, path, index
+
+    return check
+
+
+def log_sharding(rank: int, files: int, size: int, split: str) -> None:
+    if rank == 0:
+        how = "file level" if files >= size else "example level (fewer files than ranks)"
+        logging.info("%s: %d files over %d ranks, sharded at the %s", split, files, size, how)

@@ -1,0 +1,72 @@
+"""Pure image preprocessing: JPEG bytes in, normalised tensors out (TensorFlow only).
+
+Training: Inception-style random-resized crop decoded straight from the JPEG (only the
+crop window's pixels are decoded), random flip. Eval: the central 87.5% (size / (size + 32))
+of the shorter side, decoded from the JPEG, resized. Both as in the ResNet recipes.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+# ImageNet per-channel mean and std on the 0-255 scale.
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+AREA_RANGE = (0.08, 1.0)
+ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
+
+
+def is_valid_jpeg(image_bytes: tf.Tensor) -> tf.Tensor:
+    """Cheap structural check without decoding: starts with SOI (FFD8) and ends with EOI
+    (FFD9). Catches non-JPEG data and truncated files."""
+    n = tf.strings.length(image_bytes)
+    tail = tf.strings.substr(image_bytes, tf.maximum(n - 2, 0), 2)
+    return tf.logical_and(tf.io.is_jpeg(image_bytes), tf.equal(tail, b"\xff\xd9"))
+
+
+def random_resized_crop(image_bytes: tf.Tensor, size: int, bbox: tf.Tensor | None = None,
+                        area_range=AREA_RANGE, aspect_ratio_range=ASPECT_RATIO_RANGE,
+                        max_attempts: int = 10) -> tf.Tensor:
+    """A random crop covering ``area_range`` of the image (or of its ``bbox``, [1, N, 4] in
+    [ymin, xmin, ymax, xmax] fractions) with aspect ratio in ``aspect_ratio_range``, decoded
+    from the JPEG and resized to ``size`` x ``size``; float32 in [0, 255]."""
+    shape = tf.image.extract_jpeg_shape(image_bytes)
+    if bbox is None:
+        bbox = tf.constant([[[0.0, 0.0, 1.0, 1.0]]])
+    begin, crop, _ = tf.image.sample_distorted_bounding_box(
+        shape, bounding_boxes=bbox, min_object_covered=0.1,
+        aspect_ratio_range=aspect_ratio_range, area_range=area_range,
+        max_attempts=max_attempts, use_image_if_no_bounding_boxes=True)
+    y, x, _ = tf.unstack(begin)
+    h, w, _ = tf.unstack(crop)
+    image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, h, w]), channels=3)
+    return tf.image.resize(image, [size, size], method="bilinear")
+
+
+def center_crop(image_bytes: tf.Tensor, size: int) -> tf.Tensor:
+    """The central ``size / (size + 32)`` of the shorter side, decoded from the JPEG and
+    resized to ``size`` x ``size``; float32 in [0, 255]."""
+    shape = tf.image.extract_jpeg_shape(image_bytes)
+    h, w = shape[0], shape[1]
+    side = tf.cast(size / (size + 32) * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
+    y, x = (h - side + 1) // 2, (w - side + 1) // 2
+    image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, side, side]),
+                                          channels=3)
+    return tf.image.resize(image, [size, size], method="bilinear")
+
+
+def normalize(image: tf.Tensor, dtype=tf.float32, mean=IMAGENET_MEAN,
+              std=IMAGENET_STD) -> tf.Tensor:
+    """Per-channel ``(x - mean) / std``, then cast to ``dtype`` (the model's compute dtype,
+    so that 16-bit policies move half the bytes)."""
+    image = (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+    return tf.cast(image, dtype)
+
+
+def train_image(image_bytes, size: int, dtype=tf.float32, bbox=None) -> tf.Tensor:
+    image = random_resized_crop(image_bytes, size, bbox)
+    return normalize(tf.image.random_flip_left_right(image), dtype)
+
+
+def eval_image(image_bytes, size: int, dtype=tf.float32) -> tf.Tensor:
+    return normalize(center_crop(image_bytes, size), dtype)
