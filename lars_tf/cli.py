@@ -22,12 +22,16 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", _D.model, "Registered model name (lars_tf.models.names()).")
 flags.DEFINE_string(
     "dataset", _D.dataset,
-    "fashion_mnist (the idx files), imagenet (train-*/validation-* TFRecord shards in "
-    "--data_dir), or synthetic (random images, for throughput).")
+    "fashion_mnist (the idx files), imagenet (train-*-of-*/validation-*-of-* TFRecord shards "
+    "in --data_dir), tfds:NAME (a tensorflow-datasets JPEG image dataset in --data_dir, "
+    "e.g. tfds:imagenet2012), or synthetic (random images, for throughput).")
 flags.DEFINE_string(
     "data_dir", None,
     f"Dataset folder. Fashion-MNIST default: ${DATA_DIR_ENV}, else "
     f"{DEFAULT_FASHION_MNIST_DIR}.")
+flags.DEFINE_string("manual_dir", None,
+                    "tfds: folder of the archives a manual dataset is prepared from "
+                    "(imagenet2012: ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar).")
 flags.DEFINE_integer("image_size", _D.image_size, "imagenet/synthetic: image side in pixels.")
 flags.DEFINE_integer("num_classes", _D.num_classes, "imagenet/synthetic: number of classes.")
 flags.DEFINE_integer("label_offset", _D.label_offset,
@@ -106,8 +110,7 @@ def _train(argv):
         if config.model not in models.names():
             raise ValueError(f"--model={config.model!r}: unknown model; registered: "
                              f"{', '.join(models.names())}")
-        if config.dataset not in data.DATASETS:
-            raise ValueError(f"--dataset={config.dataset!r}: must be one of {data.DATASETS}")
+        data.check_name(config.dataset)
     except ValueError as e:
         logging.error("%s", e)
         sys.exit(2)

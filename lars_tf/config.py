@@ -28,6 +28,7 @@ class TrainConfig:
     model: str = "small_cnn"
     dataset: str = "fashion_mnist"
     data_dir: str | None = None
+    manual_dir: str | None = None
     image_size: int = 224
     num_classes: int = 1000
     label_offset: int = 0

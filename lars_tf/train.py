@@ -201,6 +201,16 @@ class Trainer:
     def _datasets(self, train, eval, steps_per_epoch, start_epoch) -> data_lib.Datasets:
         config, world = self.config, self.world
         if train is None:
+            # one rank prepares (tfds from --manual_dir); its error, if any, stops every rank
+            error = None
+            if world.is_chief:
+                try:
+                    data_lib.prepare(config)
+                except (ValueError, FileNotFoundError) as e:
+                    error = str(e)
+            error = distributed.broadcast_object(error, name="lars_tf.prepare")
+            if error:
+                raise ValueError(error)
             return data_lib.build(config, world.rank, world.size, initial_epoch=start_epoch,
                                   threads=distributed.threads_per_rank(world.local_size))
         if isinstance(train, data_lib.Datasets):

@@ -8,9 +8,22 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from lars_tf.data import fashion_mnist, imagenet, preprocessing
+from lars_tf.data import fashion_mnist, imagenet, preprocessing, tfds_source
 
-DATASETS = ("fashion_mnist", "imagenet", "synthetic")
+DATASETS = ("fashion_mnist", "imagenet", "synthetic", "tfds:NAME")
+
+
+def check_name(dataset: str) -> None:
+    if dataset not in DATASETS[:-1] and not (
+            dataset.startswith(tfds_source.PREFIX) and len(dataset) > len(tfds_source.PREFIX)):
+        raise ValueError(f"--dataset={dataset!r}: must be one of {DATASETS}")
+
+
+def prepare(config) -> None:
+    """One-time preparation before any rank reads (tfds datasets from --manual_dir); run it
+    on one rank."""
+    if config.dataset.startswith(tfds_source.PREFIX):
+        tfds_source.prepare(config)
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,8 @@ def build(config, rank: int, size: int, eval_batch_size: int = 1000,
         d = _imagenet(config, rank, size, eval_batch_size, initial_epoch)
     elif config.dataset == "synthetic":
         d = _synthetic(config, size)
+    elif config.dataset.startswith(tfds_source.PREFIX):
+        d = _tfds(config, rank, size, eval_batch_size)
     else:
         raise ValueError(f"--dataset={config.dataset!r}: must be one of {DATASETS}")
     opts = options(threads or len(os.sched_getaffinity(0)), config.deterministic)
@@ -157,7 +172,6 @@ def _imagenet(config, rank: int, size: int, eval_batch_size: int,
     steps = _steps(config, examples, size)
     batch, det, size_px = config.per_rank_batch_size(size), config.deterministic, \
         config.image_size
-    dtype = compute_dtype()
     skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
     keep = imagenet.keep_valid(skipped, config.strict_data)
     check = imagenet.check_label_range(config.num_classes)
@@ -192,27 +206,68 @@ def _imagenet(config, rank: int, size: int, eval_batch_size: int,
                 tf.range(len(mine), dtype=tf.int64),
                 seed=tf.stack([tf.constant(seed, tf.int64), e]))
             return parsed(shard(imagenet.records(tf.gather(files_t, order), det), file_level))
-    train = (tf.data.Dataset.range(initial_epoch, 2 ** 62).flat_map(epoch)
-             .shuffle(config.shuffle_buffer, seed=seed + 7919 * initial_epoch,
-                      reshuffle_each_iteration=False)
-             .map(lambda b, label, box, p, i: (preprocessing.train_image(b, size_px, dtype, box),
-                                               label),
-                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=det))
-    if not config.strict_data:  # anything the structural check missed: skip, not crash
-        train = train.apply(tf.data.experimental.ignore_errors(log_warning=True))
-    train = train.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    train = _train_images(
+        tf.data.Dataset.range(initial_epoch, 2 ** 62).flat_map(epoch)
+        .shuffle(config.shuffle_buffer, seed=seed + 7919 * initial_epoch,
+                 reshuffle_each_iteration=False), config, batch)
 
     eval_level = len(eval_files) >= size
     eval_mine = eval_files[rank::size] if eval_level else eval_files
-    evaluation = (
-        parsed(shard(imagenet.records(eval_mine, True), eval_level))
-        .map(lambda b, label, box, p, i: (preprocessing.eval_image(b, size_px, dtype), label),
-             num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(eval_batch_size).prefetch(tf.data.AUTOTUNE))
+    evaluation = _eval_images(parsed(shard(imagenet.records(eval_mine, True), eval_level)),
+                              config, eval_batch_size)
     return Datasets(train=train, eval=evaluation, steps_per_epoch=steps,
                     train_examples=examples, eval_examples=None,
                     input_shape=(size_px, size_px, 3), num_classes=config.num_classes,
                     skipped=skipped)
+
+
+def _eval_images(records, config, eval_batch_size):
+    dtype = compute_dtype()
+    return (records
+            .map(lambda b, label, box, p, i: (
+                preprocessing.eval_image(b, config.image_size, dtype), label),
+                num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(eval_batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+def _train_images(records, config, batch):
+    dtype, det = compute_dtype(), config.deterministic
+    ds = records.map(
+        lambda b, label, box, p, i: (preprocessing.train_image(b, config.image_size, dtype, box),
+                                     label),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=det)
+    if not config.strict_data:
+        ds = ds.apply(tf.data.experimental.ignore_errors(log_warning=True))
+    return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _tfds(config, rank: int, size: int, eval_batch_size: int) -> Datasets:
+    """Example-level shards (tfds.even_splits): every example on exactly one rank."""
+    import tensorflow_datasets as tfds
+
+    _, _, num_classes = tfds_source.info(config)
+    builder = tfds.builder(tfds_source.name_of(config.dataset), data_dir=config.data_dir)
+    splits = builder.info.splits
+    eval_split = "validation" if "validation" in splits else "test"
+    examples = config.train_examples or splits["train"].num_examples
+    steps = _steps(config, examples, size)
+    skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
+    keep = imagenet.keep_valid(skipped, config.strict_data)
+    check = imagenet.check_label_range(num_classes)
+    seed = config.seed * 1000003 + rank
+    train = (tfds_source.records(config, "train", rank, size, training=True).repeat()
+             .filter(keep).map(check)
+             .shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=False))
+    evaluation = None
+    if eval_split in splits:
+        evaluation = _eval_images(
+            tfds_source.records(config, eval_split, rank, size, training=False)
+            .filter(keep).map(check), config, eval_batch_size)
+    return Datasets(train=_train_images(train, config, config.per_rank_batch_size(size)),
+                    eval=evaluation, steps_per_epoch=steps, train_examples=examples,
+                    eval_examples=None,
+                    input_shape=(config.image_size, config.image_size, 3),
+                    num_classes=num_classes, skipped=skipped)
 
 
 def _synthetic(config, size: int) -> Datasets:

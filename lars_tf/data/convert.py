@@ -12,8 +12,8 @@ import json
 import multiprocessing
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 

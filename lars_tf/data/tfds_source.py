@@ -1,0 +1,85 @@
+"""Any tensorflow-datasets image-classification dataset stored as JPEG (``--dataset
+tfds:NAME``), e.g. ``imagenet2012``, read from ``--data_dir`` and never downloaded.
+
+A dataset that is not prepared yet is prepared from ``--manual_dir`` when it is a
+manual-download dataset (``imagenet2012``: ILSVRC2012_img_train.tar and
+ILSVRC2012_img_val.tar in that folder); otherwise the error says how to prepare it.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+PREFIX = "tfds:"
+
+
+def name_of(dataset: str) -> str:
+    return dataset[len(PREFIX):]
+
+
+def _builder(config):
+    import tensorflow_datasets as tfds
+
+    name = name_of(config.dataset)
+    if not config.data_dir:
+        raise ValueError(f"--dataset={config.dataset} needs --data_dir (the tfds data folder)")
+    try:
+        return tfds.builder(name, data_dir=config.data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"--dataset={config.dataset!r}: tensorflow-datasets has no dataset "
+                         f"{name!r}") from None
+
+
+def prepare(config) -> None:
+    """Make sure the dataset is prepared in ``--data_dir``; run it on one rank only."""
+    import tensorflow_datasets as tfds
+
+    builder = _builder(config)
+    if builder.is_prepared():
+        return
+    name = name_of(config.dataset)
+    manual = bool(getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None))
+    if not manual:
+        raise FileNotFoundError(
+            f"--dataset={config.dataset}: not prepared in --data_dir={config.data_dir!r}, and "
+            f"lars_tf never downloads. Run `tfds build {name} --data_dir=...` where there is "
+            "internet, then copy that folder here")
+    if not config.manual_dir:
+        raise FileNotFoundError(
+            f"--dataset={config.dataset}: not prepared in --data_dir={config.data_dir!r}. "
+            f"Pass --manual_dir=<folder with its archives> to prepare it from them "
+            f"({' '.join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())[:300]})")
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))
+
+
+def info(config) -> tuple[str, str, int]:
+    """``(image_key, label_key, num_classes)``; errors for datasets this source cannot read."""
+    builder = _builder(config)
+    if not builder.info.supervised_keys:
+        raise ValueError(f"--dataset={config.dataset}: not a supervised (image, label) dataset")
+    image_key, label_key = builder.info.supervised_keys[:2]
+    image = builder.info.features[image_key]
+    if getattr(image, "encoding_format", None) != "jpeg":
+        raise ValueError(f"--dataset={config.dataset}: its images are stored as "
+                         f"{getattr(image, 'encoding_format', None) or 'png'}; the tfds "
+                         "source reads JPEG-encoded image datasets (e.g. imagenet2012)")
+    return image_key, label_key, builder.info.features[label_key].num_classes
+
+
+def records(config, split: str, rank: int, size: int, training: bool) -> tf.data.Dataset:
+    """This rank's part of ``split`` (every example on exactly one rank) as
+    ``(serialized-like tuple): (jpeg_bytes, label, bbox, origin, index)``."""
+    import tensorflow_datasets as tfds
+
+    image_key, label_key, _ = info(config)
+    builder = _builder(config)
+    part = tfds.even_splits(split, n=size)[rank]
+    ds = builder.as_dataset(
+        split=part, decoders={image_key: tfds.decode.SkipDecoding()}, shuffle_files=training,
+        read_config=tfds.ReadConfig(shuffle_seed=config.seed * 1000003 + rank,
+                                    try_autocache=False))
+    origin = tf.constant(f"tfds:{builder.name}/{split}")
+    return ds.enumerate().map(
+        lambda i, ex: (ex[image_key], tf.cast(ex[label_key], tf.int32),
+                       tf.zeros([1, 0, 4], tf.float32), origin, i))
