@@ -27,6 +27,7 @@ test: setup
 bench: setup
 	python -m pip install -q --no-deps -c constraints.txt tf-models-official
 	python benchmarks/lars_overhead.py
+	python benchmarks/input_pipeline.py
 
 lint: setup
 	ruff check lars_tf models benchmarks tests

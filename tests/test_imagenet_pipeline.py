@@ -191,6 +191,16 @@ def test_truncated_record_file_ends_that_file_without_a_crash(shards, tmp_path):
     d = data_lib.build(_config(tmp_path), 0, 1)
     n = sum(len(y) for _, y in d.eval)
     assert 0 < n < good
+    with pytest.raises(tf.errors.DataLossError, match="truncated record"):
+        for _ in data_lib.build(_config(tmp_path, strict_data=True), 0, 1).eval:
+            pass
+
+
+def test_cache_gives_the_same_records_every_epoch(shards):
+    d = data_lib.build(_config(shards, cache=True, global_batch_size=2, shuffle_buffer=1), 0, 1)
+    labels = np.concatenate([y.numpy() for _, y in d.train.take(2 * d.steps_per_epoch)])
+    per_epoch = d.steps_per_epoch * 2
+    assert collections.Counter(labels[:per_epoch]) == collections.Counter(labels[per_epoch:])
 
 
 def test_bad_data_dirs_and_labels_fail_before_training(shards, tmp_path):

@@ -173,14 +173,14 @@ def _imagenet(config, rank: int, size: int, eval_batch_size: int,
     batch, det, size_px = config.per_rank_batch_size(size), config.deterministic, \
         config.image_size
     skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
-    keep = imagenet.keep_valid(skipped, config.strict_data)
-    check = imagenet.check_label_range(config.num_classes)
+    check = imagenet.checked(skipped, config.strict_data, config.num_classes)
 
     def parsed(records):
+        # parse and check in parallel; the filter after it only reads a flag
         return (records
-                .map(lambda r, p, i: (*imagenet.parse(r, config.label_offset), p, i),
+                .map(lambda r, p, i: check(*imagenet.parse(r, config.label_offset), p, i),
                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=det)
-                .filter(keep).map(check))
+                .filter(imagenet.is_ok).map(imagenet.drop_flag))
 
     def shard(ds, file_level):
         return ds if file_level else ds.shard(size, rank)
@@ -194,7 +194,8 @@ def _imagenet(config, rank: int, size: int, eval_batch_size: int,
     # buffer over the whole stream then mixes records across files and epoch boundaries.
     seed = config.seed * 1000003 + rank
     if config.cache:  # parse once, keep this rank's records in memory
-        cached = parsed(shard(imagenet.records(mine, det), file_level)).cache()
+        cached = parsed(shard(imagenet.records(mine, det, strict=config.strict_data),
+                              file_level)).cache()
 
         def epoch(e):
             return cached
@@ -205,7 +206,8 @@ def _imagenet(config, rank: int, size: int, eval_batch_size: int,
             order = tf.random.experimental.stateless_shuffle(
                 tf.range(len(mine), dtype=tf.int64),
                 seed=tf.stack([tf.constant(seed, tf.int64), e]))
-            return parsed(shard(imagenet.records(tf.gather(files_t, order), det), file_level))
+            return parsed(shard(imagenet.records(tf.gather(files_t, order), det,
+                                                   strict=config.strict_data), file_level))
     train = _train_images(
         tf.data.Dataset.range(initial_epoch, 2 ** 62).flat_map(epoch)
         .shuffle(config.shuffle_buffer, seed=seed + 7919 * initial_epoch,
@@ -213,7 +215,9 @@ def _imagenet(config, rank: int, size: int, eval_batch_size: int,
 
     eval_level = len(eval_files) >= size
     eval_mine = eval_files[rank::size] if eval_level else eval_files
-    evaluation = _eval_images(parsed(shard(imagenet.records(eval_mine, True), eval_level)),
+    evaluation = _eval_images(
+        parsed(shard(imagenet.records(eval_mine, True, strict=config.strict_data),
+                     eval_level)),
                               config, eval_batch_size)
     return Datasets(train=train, eval=evaluation, steps_per_epoch=steps,
                     train_examples=examples, eval_examples=None,
@@ -252,17 +256,21 @@ def _tfds(config, rank: int, size: int, eval_batch_size: int) -> Datasets:
     examples = config.train_examples or splits["train"].num_examples
     steps = _steps(config, examples, size)
     skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
-    keep = imagenet.keep_valid(skipped, config.strict_data)
-    check = imagenet.check_label_range(num_classes)
+    check = imagenet.checked(skipped, config.strict_data, num_classes)
+
+    def checked(records):
+        return (records.map(check, num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=config.deterministic)
+                .filter(imagenet.is_ok).map(imagenet.drop_flag))
+
     seed = config.seed * 1000003 + rank
-    train = (tfds_source.records(config, "train", rank, size, training=True).repeat()
-             .filter(keep).map(check)
-             .shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=False))
+    train = checked(tfds_source.records(config, "train", rank, size, training=True).repeat()
+                    ).shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
     evaluation = None
     if eval_split in splits:
         evaluation = _eval_images(
-            tfds_source.records(config, eval_split, rank, size, training=False)
-            .filter(keep).map(check), config, eval_batch_size)
+            checked(tfds_source.records(config, eval_split, rank, size, training=False)),
+            config, eval_batch_size)
     return Datasets(train=_train_images(train, config, config.per_rank_batch_size(size)),
                     eval=evaluation, steps_per_epoch=steps, train_examples=examples,
                     eval_examples=None,

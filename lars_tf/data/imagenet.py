@@ -65,48 +65,58 @@ def check_labels(files: list[str], num_classes: int, label_offset: int, records:
                 f"{label_offset} is outside [0, --num_classes={num_classes})")
 
 
-def records(files: list[str], deterministic: bool, cycle_length: int = 16) -> tf.data.Dataset:
+def records(files: list[str], deterministic: bool, cycle_length: int = 16,
+            strict: bool = False) -> tf.data.Dataset:
     """``(serialized, file, index_in_file)`` from ``files``, interleaved in parallel. A
-    truncated or corrupt shard ends early with a warning instead of ending the run."""
+    truncated or corrupt shard ends early with TensorFlow's warning ("truncated record at
+    <offset>"; it does not name the file) instead of ending the run; with ``strict`` it is
+    an error."""
     def read(path):
-        return (tf.data.TFRecordDataset(path, buffer_size=1 << 20).enumerate()
-                .map(lambda i, r: (r, path, i))
-                .apply(tf.data.experimental.ignore_errors(log_warning=True)))
+        ds = (tf.data.TFRecordDataset(path, buffer_size=1 << 20).enumerate()
+              .map(lambda i, r: (r, path, i)))
+        return ds if strict else ds.apply(tf.data.experimental.ignore_errors(log_warning=True))
 
     return tf.data.Dataset.from_tensor_slices(files).interleave(
         read, cycle_length=min(cycle_length, len(files)), block_length=1,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
 
-def keep_valid(skipped: tf.Variable, strict: bool):
-    """A filter: drops (and counts, and names on stderr) records whose JPEG is corrupt; with
-    ``strict`` a corrupt record is an error naming its file and index."""
-    def keep(image_bytes, label, bbox, path, index):
-        ok = preprocessing.is_valid_jpeg(image_bytes)
-        if strict:
-            with tf.control_dependencies([tf.debugging.Assert(
-                    ok, ["corrupt JPEG in", path, "record", index, "(--strict_data)"])]):
-                return tf.identity(ok)
+def checked(skipped: tf.Variable, strict: bool, num_classes: int):
+    """Per-record checks, run inside the parallel parse map: returns the record plus an
+    ``ok`` flag for a cheap ``filter`` after it.
 
-        def report():
-            tf.print("lars_tf: skipping corrupt JPEG in", path, "record", index,
-                     output_stream=sys.stderr)
-            skipped.assign_add(1)
-            return tf.constant(False)
-
-        return tf.cond(ok, lambda: tf.constant(True), report)
-
-    return keep
-
-
-def check_label_range(num_classes: int):
+    A corrupt JPEG (structural check) is reported on stderr with its file and index and
+    counted in ``skipped`` (``ok`` False), or with ``strict`` fails naming them. A label
+    outside ``[0, num_classes)`` always fails, naming the file and record."""
     def check(image_bytes, label, bbox, path, index):
-        ok = tf.logical_and(label >= 0, label < num_classes)
-        with tf.control_dependencies([tf.debugging.Assert(
-                ok, ["label out of range in", path, "record", index, "label", label])]):
-            return tf.identity(image_bytes), label, bbox, path, index
+        valid = preprocessing.is_valid_jpeg(image_bytes)
+        in_range = tf.logical_and(label >= 0, label < num_classes)
+        asserts = [tf.debugging.Assert(
+            in_range, ["label out of range in", path, "record", index, "label", label])]
+        if strict:
+            asserts.append(tf.debugging.Assert(
+                valid, ["corrupt JPEG in", path, "record", index, "(--strict_data)"]))
+            ok = valid
+        else:
+            def report():
+                tf.print("lars_tf: skipping corrupt JPEG in", path, "record", index,
+                         output_stream=sys.stderr)
+                skipped.assign_add(1)
+                return tf.constant(False)
+
+            ok = tf.cond(valid, lambda: tf.constant(True), report)
+        with tf.control_dependencies(asserts):
+            return tf.identity(image_bytes), label, bbox, path, index, ok
 
     return check
+
+
+def drop_flag(*record):
+    return record[:-1]
+
+
+def is_ok(*record):
+    return record[-1]
 
 
 def log_sharding(rank: int, files: int, size: int, split: str) -> None:
