@@ -49,3 +49,20 @@ def write_section(name: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block
     RESULTS.write_text(text)
+
+
+def report(section: str, heading: str, description: str, table: list[str], conclusion: str,
+           write: bool) -> str:
+    """Print a benchmark's result (what was measured, the command, the machine, peak memory,
+    the table, the conclusion) and, with ``write``, put it in its RESULTS.md section."""
+    body = "\n".join([
+        f"## {heading}", "", description, "",
+        f"- command: `{command_line()}`",
+        f"- machine: {machine_line()}",
+        f"- peak RSS of the process: {peak_rss_mb():.0f} MB",
+        "", *table, "", conclusion,
+    ])
+    print(body)
+    if write:
+        write_section(section, body)
+    return body

@@ -134,27 +134,16 @@ def main(argv):
     for name in names:
         rows.append(f"| {name} | {med[name]:.0f} | {max(rates[name]):.0f} | "
                     f"{med[name] / ours:.2f}x |")
-    body = "\n".join([
-        "## Input pipeline (`benchmarks/input_pipeline.py`)",
-        "",
+    common.report(
+        "input_pipeline", "Input pipeline (`benchmarks/input_pipeline.py`)",
         f"{FLAGS.images} real photographs cut to 500x375 JPEG (mean {mean_kb:.0f} KB), 8 "
         f"TFRecord shards, batches of {BATCH} at 224x224, one process using all "
         f"{threads} cores; {FLAGS.rounds} rounds x {FLAGS.batches} batches, each pipeline "
         "alone in turn (a fresh iterator per round, warmed up on 6 batches).",
-        "",
-        f"- command: `{common.command_line()}`",
-        f"- machine: {common.machine_line()}",
-        f"- peak RSS of the process: {common.peak_rss_mb():.0f} MB",
-        "",
-        *rows,
-        "",
+        rows,
         f"lars_tf's pipeline runs at {ours / mg:.2f}x Model Garden's preprocessing and at "
         f"{ours / bound:.0%} of the decode-bound limit (decoding whole images).",
-    ])
-    print(body)
-    if FLAGS.write:
-        common.write_section("input_pipeline", body)
-
+        FLAGS.write)
 
 if __name__ == "__main__":
     app.run(main)

@@ -181,7 +181,8 @@ def test_strict_data_makes_a_corrupt_jpeg_fatal_and_named(corrupt_dir):
             pass
 
 
-def test_truncated_record_file_ends_that_file_without_a_crash(shards, tmp_path):
+def test_truncated_record_file_is_read_to_the_damage_named_and_counted(shards, tmp_path,
+                                                                      capfd):
     files = imagenet.split_files(str(shards), "validation")
     good = imagenet.count_records(files[:1])
     raw = open(files[0], "rb").read()
@@ -191,6 +192,12 @@ def test_truncated_record_file_ends_that_file_without_a_crash(shards, tmp_path):
     d = data_lib.build(_config(tmp_path), 0, 1)
     n = sum(len(y) for _, y in d.eval)
     assert 0 < n < good
+    err = capfd.readouterr().err
+    assert "truncated or corrupt TFRecord file" in err
+    assert "validation-00000-of-00001" in err
+    assert int(d.skipped.numpy()) == 1
+    # the complete training shards are not reported
+    assert all(f"train-0000{i}" not in err for i in range(4))
     with pytest.raises(tf.errors.DataLossError, match="truncated record"):
         for _ in data_lib.build(_config(tmp_path, strict_data=True), 0, 1).eval:
             pass

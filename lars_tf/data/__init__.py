@@ -174,6 +174,12 @@ def _imagenet(config, rank: int, size: int, eval_batch_size: int,
         config.image_size
     skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
     check = imagenet.checked(skipped, config.strict_data, config.num_classes)
+    sizes = imagenet.size_table(files + eval_files)
+    strict = config.strict_data
+
+    def read(paths, deterministic):
+        return imagenet.records(paths, deterministic, strict=strict, skipped=skipped,
+                                sizes=sizes)
 
     def parsed(records):
         # parse and check in parallel; the filter after it only reads a flag
@@ -194,8 +200,7 @@ def _imagenet(config, rank: int, size: int, eval_batch_size: int,
     # buffer over the whole stream then mixes records across files and epoch boundaries.
     seed = config.seed * 1000003 + rank
     if config.cache:  # parse once, keep this rank's records in memory
-        cached = parsed(shard(imagenet.records(mine, det, strict=config.strict_data),
-                              file_level)).cache()
+        cached = parsed(shard(read(mine, det), file_level)).cache()
 
         def epoch(e):
             return cached
@@ -206,8 +211,7 @@ def _imagenet(config, rank: int, size: int, eval_batch_size: int,
             order = tf.random.experimental.stateless_shuffle(
                 tf.range(len(mine), dtype=tf.int64),
                 seed=tf.stack([tf.constant(seed, tf.int64), e]))
-            return parsed(shard(imagenet.records(tf.gather(files_t, order), det,
-                                                   strict=config.strict_data), file_level))
+            return parsed(shard(read(tf.gather(files_t, order), det), file_level))
     train = _train_images(
         tf.data.Dataset.range(initial_epoch, 2 ** 62).flat_map(epoch)
         .shuffle(config.shuffle_buffer, seed=seed + 7919 * initial_epoch,
@@ -216,8 +220,7 @@ def _imagenet(config, rank: int, size: int, eval_batch_size: int,
     eval_level = len(eval_files) >= size
     eval_mine = eval_files[rank::size] if eval_level else eval_files
     evaluation = _eval_images(
-        parsed(shard(imagenet.records(eval_mine, True, strict=config.strict_data),
-                     eval_level)),
+        parsed(shard(read(eval_mine, True), eval_level)),
                               config, eval_batch_size)
     return Datasets(train=train, eval=evaluation, steps_per_epoch=steps,
                     train_examples=examples, eval_examples=None,

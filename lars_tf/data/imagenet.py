@@ -65,19 +65,64 @@ def check_labels(files: list[str], num_classes: int, label_offset: int, records:
                 f"{label_offset} is outside [0, --num_classes={num_classes})")
 
 
-def records(files: list[str], deterministic: bool, cycle_length: int = 16,
-            strict: bool = False) -> tf.data.Dataset:
-    """``(serialized, file, index_in_file)`` from ``files``, interleaved in parallel. A
-    truncated or corrupt shard ends early with TensorFlow's warning ("truncated record at
-    <offset>"; it does not name the file) instead of ending the run; with ``strict`` it is
-    an error."""
+def size_table(files: list[str]) -> tf.lookup.StaticHashTable:
+    """File path -> size in bytes, for ``records`` to tell a complete file from a cut one."""
+    return tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(
+            tf.constant(list(files)), tf.constant([os.path.getsize(f) for f in files],
+                                                  tf.int64)),
+        default_value=-1)
+
+
+def records(files, deterministic: bool, cycle_length: int = 16, strict: bool = False,
+            skipped: tf.Variable | None = None,
+            sizes: tf.lookup.StaticHashTable | None = None) -> tf.data.Dataset:
+    """``(serialized, file, index_in_file)`` from ``files``, interleaved in parallel.
+
+    A truncated or corrupt shard ends that file early instead of ending the run: the bytes
+    read (each record plus its 16 framing bytes) are compared with the file's size, and a
+    shortfall is reported on stderr naming the file and counted in ``skipped`` (one per
+    file). With ``strict`` it is an error.
+
+    ``files``: a list of paths, or a tensor of them (then give ``sizes``, a ``size_table``
+    made outside any tf.data function)."""
+    if isinstance(files, (list, tuple)):
+        if sizes is None and not strict:
+            sizes = size_table(files)
+        files = tf.constant(list(files))
+    elif sizes is None and not strict:
+        raise ValueError("records(): a tensor of paths needs sizes=size_table(...)")
+
     def read(path):
         ds = (tf.data.TFRecordDataset(path, buffer_size=1 << 20).enumerate()
               .map(lambda i, r: (r, path, i)))
-        return ds if strict else ds.apply(tf.data.experimental.ignore_errors(log_warning=True))
+        if strict:
+            return ds
+        ds = ds.apply(tf.data.experimental.ignore_errors())
+        expected = sizes.lookup(path)
+        end = tf.data.Dataset.from_tensors((tf.constant(b""), path, tf.constant(-1, tf.int64)))
+
+        def account(done, record):
+            r, p, i = record
+            done = done + tf.where(i < 0, tf.constant(0, tf.int64),
+                                   tf.cast(tf.strings.length(r), tf.int64) + 16)
+            return done, (r, p, i, tf.logical_and(i < 0, done != expected))
+
+        def report(r, p, i, short):
+            def say():
+                tf.print("lars_tf: truncated or corrupt TFRecord file", p,
+                         "- read up to the damage, skipped the rest", output_stream=sys.stderr)
+                if skipped is not None:
+                    skipped.assign_add(1)
+                return tf.constant(False)
+
+            return tf.cond(short, say, lambda: i >= 0)
+
+        return ds.concatenate(end).scan(tf.constant(0, tf.int64), account).filter(report) \
+            .map(lambda r, p, i, short: (r, p, i))
 
     return tf.data.Dataset.from_tensor_slices(files).interleave(
-        read, cycle_length=min(cycle_length, len(files)), block_length=1,
+        read, cycle_length=min(cycle_length, int(files.shape[0])), block_length=1,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
 
