@@ -123,7 +123,8 @@ def _train(argv):
     except (ValueError, FileNotFoundError) as e:
         logging.error("%s", e)
         sys.exit(2)
-    except tf.errors.InvalidArgumentError as e:  # --strict_data, or a label out of range
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+        # --strict_data (a corrupt JPEG or truncated shard), or a label out of range
         logging.error("bad input data: %s", e.message.splitlines()[0][:2000])
         sys.exit(3)
 

@@ -122,7 +122,7 @@ class Trainer:
         if self.model is None:
             self.model = models.get(config.model, datasets.input_shape, datasets.num_classes)
         model = self.model
-        num_classes = int(model.outputs[0].shape[-1]) if model.outputs else datasets.num_classes
+        num_classes = _num_classes(model, datasets.input_shape)
         optimizer = build_optimizer(config, datasets.steps_per_epoch)
         model.compile(
             optimizer=optimizer,
@@ -256,6 +256,14 @@ class Trainer:
             "config": dict(vars(config)),
             "versions": distributed.versions(),
         }
+
+
+def _num_classes(model: tf.keras.Model, input_shape) -> int:
+    """Width of the model's logits; a subclassed model has no symbolic outputs, so it is
+    asked once on a zero image."""
+    if getattr(model, "outputs", None):
+        return int(model.outputs[0].shape[-1])
+    return int(model(tf.zeros((1, *input_shape)), training=False).shape[-1])
 
 
 class _EpochTimer(tf.keras.callbacks.Callback):

@@ -51,10 +51,12 @@ def build(config, rank: int, size: int, eval_batch_size: int = 1000,
           initial_epoch: int = 0, threads: int | None = None) -> Datasets:
     """The datasets of ``config.dataset`` for one rank of ``size``.
 
-    ``train`` starts at ``initial_epoch``: epoch ``e``'s order depends only on
-    ``(config.seed, rank, e)``, so a resumed run sees the batches an uninterrupted run would
-    (for ``imagenet``, up to the nondeterministic interleave unless ``--deterministic``).
-    ``threads``: the CPU cores this rank may use for input processing.
+    ``train`` starts at ``initial_epoch``. For ``fashion_mnist`` epoch ``e``'s order depends
+    only on ``(config.seed, rank, e)``, so a resumed run sees exactly the batches an
+    uninterrupted run would. For ``imagenet`` each epoch's file order is seeded the same
+    way, but the shuffle buffer runs across epochs, so a resumed run reads the same files per
+    epoch, mixed differently. ``threads``: the CPU cores this rank may use for input
+    processing.
     """
     if config.dataset == "fashion_mnist":
         d = _fashion_mnist(config, rank, size, eval_batch_size, initial_epoch)
