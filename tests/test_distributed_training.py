@@ -15,7 +15,7 @@ def _load(path):
 
 # Gloo: the plain fp32 stack, and bfloat16 compute. MPI: the whole stack, mixed_float16 with
 # loss scaling, float16 all-reduce and 2 accumulated backward passes per update (on the mlp:
-# TensorFlow's CPU float16 convolutions are ~20x slower than float32).
+# TensorFlow's CPU float16 convolutions are ~15x slower than float32).
 FULL_STACK = ["model=mlp", "precision=mixed_float16", "fp16_allreduce=True",
               "backward_passes_per_step=2"]
 
