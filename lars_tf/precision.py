@@ -23,7 +23,7 @@ from collections.abc import Callable
 import tensorflow as tf
 from keras.src.mixed_precision.loss_scale_optimizer import LossScaleOptimizerV3
 
-PRECISIONS = ("fp32", "mixed_float16", "mixed_bfloat16")
+from lars_tf.config import PRECISIONS
 
 
 def set_policy(precision: str) -> tf.keras.mixed_precision.Policy:

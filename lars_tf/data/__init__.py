@@ -221,9 +221,8 @@ def _imagenet(config, rank: int, size: int, eval_batch_size: int,
 
     eval_level = len(eval_files) >= size
     eval_mine = eval_files[rank::size] if eval_level else eval_files
-    evaluation = _eval_images(
-        parsed(shard(read(eval_mine, True), eval_level)),
-                              config, eval_batch_size)
+    evaluation = _eval_images(parsed(shard(read(eval_mine, True), eval_level)), config,
+                              eval_batch_size)
     return Datasets(train=train, eval=evaluation, steps_per_epoch=steps,
                     train_examples=examples, eval_examples=None,
                     input_shape=(size_px, size_px, 3), num_classes=config.num_classes,
@@ -252,10 +251,8 @@ def _train_images(records, config, batch):
 
 def _tfds(config, rank: int, size: int, eval_batch_size: int) -> Datasets:
     """Example-level shards (tfds.even_splits): every example on exactly one rank."""
-    import tensorflow_datasets as tfds
-
-    _, _, num_classes = tfds_source.info(config)
-    builder = tfds.builder(tfds_source.name_of(config.dataset), data_dir=config.data_dir)
+    builder = tfds_source.get_builder(config)
+    _, _, num_classes = tfds_source.info(config, builder)
     splits = builder.info.splits
     eval_split = "validation" if "validation" in splits else "test"
     examples = config.train_examples or splits["train"].num_examples

@@ -17,7 +17,7 @@ def name_of(dataset: str) -> str:
     return dataset[len(PREFIX):]
 
 
-def _builder(config):
+def get_builder(config):
     import tensorflow_datasets as tfds
 
     name = name_of(config.dataset)
@@ -34,7 +34,7 @@ def prepare(config) -> None:
     """Make sure the dataset is prepared in ``--data_dir``; run it on one rank only."""
     import tensorflow_datasets as tfds
 
-    builder = _builder(config)
+    builder = get_builder(config)
     if builder.is_prepared():
         return
     name = name_of(config.dataset)
@@ -53,9 +53,9 @@ def prepare(config) -> None:
         download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))
 
 
-def info(config) -> tuple[str, str, int]:
+def info(config, builder=None) -> tuple[str, str, int]:
     """``(image_key, label_key, num_classes)``; errors for datasets this source cannot read."""
-    builder = _builder(config)
+    builder = builder or get_builder(config)
     if not builder.info.supervised_keys:
         raise ValueError(f"--dataset={config.dataset}: not a supervised (image, label) dataset")
     image_key, label_key = builder.info.supervised_keys[:2]
@@ -72,8 +72,8 @@ def records(config, split: str, rank: int, size: int, training: bool) -> tf.data
     ``(serialized-like tuple): (jpeg_bytes, label, bbox, origin, index)``."""
     import tensorflow_datasets as tfds
 
-    image_key, label_key, _ = info(config)
-    builder = _builder(config)
+    builder = get_builder(config)
+    image_key, label_key, _ = info(config, builder)
     part = tfds.even_splits(split, n=size)[rank]
     ds = builder.as_dataset(
         split=part, decoders={image_key: tfds.decode.SkipDecoding()}, shuffle_files=training,
