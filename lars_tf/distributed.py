@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import horovod.tensorflow as hvd_tf
@@ -28,9 +29,18 @@ class World:
 _WORLD: World | None = None
 
 
-def threads_per_rank(local_size: int, cpu_count: int | None = None) -> int:
-    """CPU cores each rank on a node may use: the node's cores split evenly, at least 1."""
-    cpus = cpu_count or len(os.sched_getaffinity(0)) or os.cpu_count() or 1
+def threads_per_rank(local_size: int, cpu_count: int | None = None,
+                     affinity: int | None = None) -> int:
+    """CPU cores each rank on a node may use.
+
+    A rank that the launcher bound to some cores (``mpirun --bind-to core``, ``srun
+    --cpu-bind``) uses exactly those; an unbound rank takes the node's cores split evenly
+    between the ranks on the node. At least 1.
+    """
+    cpus = cpu_count or os.cpu_count() or 1
+    bound = len(os.sched_getaffinity(0)) if affinity is None else affinity
+    if 0 < bound < cpus:
+        return bound
     return max(1, cpus // max(1, local_size))
 
 
@@ -140,6 +150,25 @@ def broadcast_object(obj, name: str):
 def metric_average_callback() -> tf.keras.callbacks.Callback:
     """Averages the epoch's training metrics (loss, accuracy) over ranks."""
     return hvd.callbacks.MetricAverageCallback()
+
+
+def rank_settings() -> dict:
+    """What this rank runs with: the Horovod/NCCL/OpenMP environment the launcher gave it,
+    TensorFlow's thread pools and the cores it may run on."""
+    env = {k: v for k, v in sorted(os.environ.items())
+           if k.startswith(("HOROVOD_", "NCCL_")) or k == "OMP_NUM_THREADS"}
+    return {
+        "host": socket.gethostname(),
+        "env": env,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)),
+    }
+
+
+def gather_object(obj, name: str) -> list:
+    """Every rank's picklable ``obj``, in rank order, on every rank."""
+    return hvd_tf.allgather_object(obj, name=name)
 
 
 def versions() -> dict:

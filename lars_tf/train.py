@@ -139,6 +139,10 @@ class Trainer:
         meta = distributed.broadcast_object(meta, name="lars_tf.resume_meta")
         self.history = list(meta.get("history", []))
         distributed.broadcast_state(model, optimizer)
+        self.rank_settings = distributed.gather_object(distributed.rank_settings(),
+                                                       name="lars_tf.rank_settings")
+        if world.is_chief:
+            _log_rank_settings(self.rank_settings)
 
         end_epoch = config.stop_after_epoch or config.epochs
         if world.is_chief:
@@ -253,6 +257,7 @@ class Trainer:
             "wall_time_sec": wall,
             "peak_rss_mb_per_rank": [round(float(x), 1) for x in peak_mb],
             "history": self.history,
+            "ranks": self.rank_settings,
             "config": dict(vars(config)),
             "versions": distributed.versions(),
         }
@@ -264,6 +269,27 @@ def _num_classes(model: tf.keras.Model, input_shape) -> int:
     if getattr(model, "outputs", None):
         return int(model.outputs[0].shape[-1])
     return int(model(tf.zeros((1, *input_shape)), training=False).shape[-1])
+
+
+# Set by horovodrun/mpirun for each rank (who it is, where to meet): not tuning.
+_IDENTITY_VARS = ("HOROVOD_GLOO_", "HOROVOD_HOSTNAME", "HOROVOD_RANK", "HOROVOD_SIZE",
+                  "HOROVOD_LOCAL_", "HOROVOD_CROSS_", "HOROVOD_CONTROLLER",
+                  "HOROVOD_CPU_OPERATIONS")
+
+
+def _log_rank_settings(ranks: list[dict]) -> None:
+    """One line with the settings rank 0 runs with; a warning for any that differ by rank."""
+    first = ranks[0]
+    tuning = {k: v for k, v in first["env"].items() if not k.startswith(_IDENTITY_VARS)}
+    logging.info("rank 0 on %s: %d intra-op / %d inter-op threads, cores %s, %s",
+                 first["host"], first["intra_op_threads"], first["inter_op_threads"],
+                 first["cpu_affinity"],
+                 " ".join(f"{k}={v}" for k, v in tuning.items()) or "no HOROVOD_* settings")
+    keys = set().union(*(r["env"] for r in ranks))
+    for key in sorted(k for k in keys if not k.startswith(_IDENTITY_VARS)):
+        values = [r["env"].get(key) for r in ranks]
+        if len(set(values)) > 1:
+            logging.warning("ranks run with different %s: %s", key, values)
 
 
 class _EpochTimer(tf.keras.callbacks.Callback):

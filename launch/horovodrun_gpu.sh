@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Start lars-train (or any program) on GPU nodes with horovodrun: one process per GPU, the
+# Horovod tuning of a preset, every setting printed.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+    cat <<EOF
+Usage: $(basename "$0") [options] [-- [lars-train flags | program args...]]
+
+One process per GPU on every host; each process uses the GPU of its local rank (lars_tf pins
+it). After "--" come lars-train's flags, or a program of your own (e.g. python train.py).
+
+Hosts:
+  -H, --hosts LIST           host:slots,... (slots default to --gpus-per-host)
+  --hostfile FILE            lines "host slots=N" or "host:N" (or just "host")
+  --gpus-per-host N          processes per host without a slot count
+                             (default: GPUs that nvidia-smi lists here, else 1)
+  -np N                      total processes (default: every slot)
+  --network-interface NIC    the interface(s) between hosts (e.g. eth0 or ib0,eth0)
+  --mpi                      Horovod's MPI controller (default: Gloo, which needs no MPI)
+
+$TUNING_HELP
+
+Examples:
+  $(basename "$0") -H node1:8,node2:8 --preset infiniband -- --model=resnet50 \\
+      --dataset=imagenet --data_dir=/data/imagenet --global_batch_size=16384 ...
+  $(basename "$0") -H localhost --gpus-per-host 4 --dry-run -- --model=resnet50
+EOF
+}
+
+HOST_ARGS="" HOSTFILE="" NP="" GPUS_PER_HOST="" NIC="" CONTROLLER="--gloo"
+while [[ $# -gt 0 ]]; do
+    tuning_flag "$@"
+    if [[ "$TUNING_USED" -gt 0 ]]; then shift "$TUNING_USED"; continue; fi
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        -H|--hosts) need_value "$1" "$#"; HOST_ARGS="$2"; shift 2 ;;
+        --hostfile) need_value "$1" "$#"; HOSTFILE="$2"; shift 2 ;;
+        --gpus-per-host) need_value "$1" "$#"; uint "$1" "$2"; GPUS_PER_HOST="$2"; shift 2 ;;
+        -np) need_value "$1" "$#"; NP="$2"; shift 2 ;;
+        --network-interface) need_value "$1" "$#"; NIC="$2"; shift 2 ;;
+        --mpi) CONTROLLER="--mpi"; shift ;;
+        --gloo) CONTROLLER="--gloo"; shift ;;
+        --) shift; break ;;
+        *) die "unknown option '$1' (see --help; lars-train's flags go after --)" ;;
+    esac
+done
+set_program "$@"
+apply_settings
+
+[[ -n "$HOST_ARGS" && -n "$HOSTFILE" ]] && die "give -H or --hostfile, not both"
+if [[ -z "$GPUS_PER_HOST" ]]; then
+    GPUS_PER_HOST=1
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        n="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
+        [[ "$n" -gt 0 ]] && GPUS_PER_HOST="$n"
+    fi
+fi
+[[ "$GPUS_PER_HOST" -ge 1 ]] || die "--gpus-per-host=$GPUS_PER_HOST: must be >= 1"
+if [[ -n "$HOSTFILE" ]]; then
+    parse_hostfile --hostfile "$HOSTFILE"
+else
+    parse_host_list -H "${HOST_ARGS:-localhost}"
+fi
+fill_slots "$GPUS_PER_HOST"
+NP="${NP:-$(total_slots)}"
+check_np "$NP"
+
+if [[ -n "$NIC" ]]; then
+    setvar NCCL_SOCKET_IFNAME "$NIC"
+fi
+CMD=(horovodrun "$CONTROLLER" -np "$NP" -H "$(host_list)")
+[[ -n "$NIC" ]] && CMD+=(--network-interface "$NIC")
+show_and_run "${CMD[@]}" "${PROGRAM[@]}"

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Start lars-train (or any program) on CPU nodes with mpirun: ranks per node or per socket,
+# each rank bound to its own cores, TensorFlow and OpenMP threads sized to those cores, every
+# Horovod/TF setting exported to every rank with -x.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+    cat <<EOF
+Usage: $(basename "$0") [options] [-- [lars-train flags | program args...]]
+
+Nodes are assumed alike: cores and sockets are read from this node (lscpu) unless given.
+After "--" come lars-train's flags, or a program of your own (e.g. python train.py).
+
+Hosts and placement:
+  -H, --hosts LIST           host[:slots],...   (default: localhost)
+  --hostfile FILE            lines "host slots=N" or "host:N" (or just "host")
+  --ranks-per-node N         N ranks on every node, each bound to cores/N cores
+  --ranks-per-socket N       N ranks on every socket (default: 1 per socket)
+  --cores-per-node N         physical cores per node (default: this node's)
+  --sockets-per-node N       sockets per node (default: this node's)
+  --inter-op-threads N       TensorFlow inter-op threads per rank (default: 2)
+  --network-interface NIC    the interface between nodes (MPI's TCP transport)
+  --mpirun PATH              the mpirun to use (default: mpirun on PATH: the venv's Open
+                             MPI, or a system Open MPI / MPICH / Intel MPI)
+
+$TUNING_HELP
+
+Examples:
+  $(basename "$0") --hostfile hosts.txt --ranks-per-socket 1 -- --model=alexnet_bn \\
+      --dataset=imagenet --data_dir=/data/imagenet --global_batch_size=8192 ...
+  $(basename "$0") --ranks-per-node 2 --dry-run -- --model=small_cnn
+EOF
+}
+
+HOST_ARGS="" HOSTFILE="" RPN="" RPS="" CORES="" SOCKETS="" INTER=2 NIC="" MPIRUN=mpirun
+while [[ $# -gt 0 ]]; do
+    tuning_flag "$@"
+    if [[ "$TUNING_USED" -gt 0 ]]; then shift "$TUNING_USED"; continue; fi
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        -H|--hosts) need_value "$1" "$#"; HOST_ARGS="$2"; shift 2 ;;
+        --hostfile) need_value "$1" "$#"; HOSTFILE="$2"; shift 2 ;;
+        --ranks-per-node) need_value "$1" "$#"; uint "$1" "$2"; RPN="$2"; shift 2 ;;
+        --ranks-per-socket) need_value "$1" "$#"; uint "$1" "$2"; RPS="$2"; shift 2 ;;
+        --cores-per-node) need_value "$1" "$#"; uint "$1" "$2"; CORES="$2"; shift 2 ;;
+        --sockets-per-node) need_value "$1" "$#"; uint "$1" "$2"; SOCKETS="$2"; shift 2 ;;
+        --inter-op-threads) need_value "$1" "$#"; uint "$1" "$2"; INTER="$2"; shift 2 ;;
+        --network-interface) need_value "$1" "$#"; NIC="$2"; shift 2 ;;
+        --mpirun) need_value "$1" "$#"; MPIRUN="$2"; shift 2 ;;
+        --) shift; break ;;
+        *) die "unknown option '$1' (see --help; lars-train's flags go after --)" ;;
+    esac
+done
+set_program "$@"
+apply_settings
+
+[[ -n "$HOST_ARGS" && -n "$HOSTFILE" ]] && die "give -H or --hostfile, not both"
+[[ -n "$RPN" && -n "$RPS" ]] && die "give --ranks-per-node or --ranks-per-socket, not both"
+command -v "$MPIRUN" >/dev/null 2>&1 || die "--mpirun=$MPIRUN: not found (activate the venv, or give the path of your MPI's mpirun)"
+
+lscpu_field() { LC_ALL=C lscpu 2>/dev/null | sed -n "s/^$1:[[:space:]]*//p" | head -1; }
+if [[ -z "$SOCKETS" ]]; then SOCKETS="$(lscpu_field 'Socket(s)')"; SOCKETS="${SOCKETS:-1}"; fi
+if [[ -z "$CORES" ]]; then
+    per_socket="$(lscpu_field 'Core(s) per socket')"
+    CORES=$(( ${per_socket:-$(nproc)} * SOCKETS ))
+fi
+(( SOCKETS >= 1 )) || die "--sockets-per-node=$SOCKETS: must be >= 1"
+(( CORES >= SOCKETS )) || die "--cores-per-node=$CORES: fewer cores than the $SOCKETS sockets"
+
+if [[ -n "$RPN" ]]; then
+    (( RPN >= 1 )) || die "--ranks-per-node=$RPN: must be >= 1"
+    PER_NODE="$RPN" UNIT=node
+    PE=$(( CORES / RPN ))
+    (( PE >= 1 )) || die "--ranks-per-node=$RPN: more ranks than the $CORES cores of a node"
+else
+    RPS="${RPS:-1}"
+    (( RPS >= 1 )) || die "--ranks-per-socket=$RPS: must be >= 1"
+    PER_NODE=$(( RPS * SOCKETS )) UNIT=socket
+    PE=$(( CORES / SOCKETS / RPS ))
+    (( PE >= 1 )) || die "--ranks-per-socket=$RPS: more ranks than the $(( CORES / SOCKETS )) cores of a socket"
+fi
+
+if [[ -n "$HOSTFILE" ]]; then
+    parse_hostfile --hostfile "$HOSTFILE"
+else
+    parse_host_list -H "${HOST_ARGS:-localhost}"
+fi
+for i in "${!SLOTS[@]}"; do
+    if [[ "${SLOTS[$i]}" != 0 ]] && (( SLOTS[i] < PER_NODE )); then
+        die "${HOSTS[$i]} offers ${SLOTS[$i]} slots, fewer than the $PER_NODE ranks per node asked for"
+    fi
+    SLOTS[$i]="$PER_NODE"
+done
+NP="$(total_slots)"
+
+setvar OMP_NUM_THREADS "$PE"
+if [[ "$(basename -- "${PROGRAM[0]}")" == lars-train ]]; then
+    PROGRAM+=(--intra_op_threads="$PE" --inter_op_threads="$INTER")
+fi
+
+VERSION="$("$MPIRUN" --version 2>&1 | head -3 || true)"
+EXPORTS=("${LT_VARS[@]}" PATH)
+[[ -n "${PYTHONPATH:-}" ]] && EXPORTS+=(PYTHONPATH)
+[[ -n "${LD_LIBRARY_PATH:-}" ]] && EXPORTS+=(LD_LIBRARY_PATH)
+if [[ "$VERSION" == *"Open MPI"* ]]; then
+    major="$(sed -n 's/.*Open MPI) \([0-9]*\).*/\1/p' <<< "$VERSION" | head -1)"
+    socket=package
+    [[ "${major:-5}" -lt 5 ]] && socket=socket
+    if [[ "$UNIT" == node ]]; then map="ppr:$PER_NODE:node:PE=$PE"; else map="ppr:$RPS:$socket:PE=$PE"; fi
+    CMD=("$MPIRUN" -np "$NP" -H "$(host_list)" --map-by "$map" --bind-to core)
+    for v in "${EXPORTS[@]}"; do CMD+=(-x "$v"); done
+    [[ -n "$NIC" ]] && CMD+=(--mca btl_tcp_if_include "$NIC" --mca oob_tcp_if_include "$NIC")
+    [[ "$(id -u)" == 0 ]] && CMD+=(--allow-run-as-root)
+elif [[ "$VERSION" == *HYDRA* || "$VERSION" == *"Intel(R) MPI"* ]]; then
+    # MPICH and Intel MPI (both use the Hydra process manager)
+    hosts="$(IFS=,; printf '%s' "${HOSTS[*]}")"
+    vars="$(IFS=,; printf '%s' "${EXPORTS[*]}")"
+    CMD=("$MPIRUN" -n "$NP" -ppn "$PER_NODE" -hosts "$hosts" -bind-to "core:$PE"
+         -genvlist "$vars")
+    [[ "$UNIT" == socket ]] && CMD+=(-map-by socket)
+    [[ -n "$NIC" ]] && CMD+=(-iface "$NIC")
+else
+    die "--mpirun=$MPIRUN: cannot tell which MPI this is (want Open MPI, MPICH or Intel MPI); its --version says: ${VERSION:-nothing}"
+fi
+show_and_run "${CMD[@]}" "${PROGRAM[@]}"
