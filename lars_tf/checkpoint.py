@@ -48,6 +48,9 @@ def save(model_dir: str, epoch: int, model: tf.keras.Model, optimizer, meta: dic
     """Write the checkpoint after ``epoch`` (1-based) and keep the newest ``keep``."""
     base = root(model_dir)
     os.makedirs(base, exist_ok=True)
+    for name in os.listdir(base):  # left by a writer that was killed (one writer per dir)
+        if name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
     final = os.path.join(base, f"epoch-{epoch:06d}")
     tmp = tempfile.mkdtemp(dir=base, prefix=f".tmp-epoch-{epoch:06d}-")
     try:
@@ -72,9 +75,17 @@ def save(model_dir: str, epoch: int, model: tf.keras.Model, optimizer, meta: dic
 
 
 def restore(path: str, model: tf.keras.Model, optimizer) -> dict:
-    """Load a checkpoint folder into ``model`` and a built ``optimizer``; returns meta."""
-    status = tf.train.Checkpoint(model=model, optimizer=optimizer).read(
-        os.path.join(path, "ckpt"))
-    status.assert_existing_objects_matched()
-    with open(os.path.join(path, "meta.json")) as f:
-        return json.load(f)
+    """Load a checkpoint folder into ``model`` and a built ``optimizer``; returns meta.
+
+    Raises ValueError naming the folder if it cannot be read or does not fit the model."""
+    try:
+        status = tf.train.Checkpoint(model=model, optimizer=optimizer).read(
+            os.path.join(path, "ckpt"))
+        status.assert_existing_objects_matched()
+        with open(os.path.join(path, "meta.json")) as f:
+            return json.load(f)
+    except Exception as e:  # the reader raises OpError, IndexError, AssertionError...
+        message = getattr(e, "message", None) or str(e)
+        raise ValueError(
+            f"checkpoint {path} cannot be restored: {message.splitlines()[0][:500]} (it was "
+            "left as it is; move it away to resume from the one before)") from e

@@ -91,6 +91,9 @@ flags.DEFINE_integer("intra_op_threads", _D.intra_op_threads,
 flags.DEFINE_integer("inter_op_threads", _D.inter_op_threads,
                      "Ops run in parallel on each rank (0: max(2, intra_op_threads)).")
 flags.DEFINE_bool("progress_bar", _D.progress_bar, "Keras progress bar on rank 0.")
+flags.DEFINE_integer("check_replicas_every", _D.check_replicas_every,
+                     "Every N steps, check that all ranks hold identical weights (a checksum "
+                     "all-reduce); stop naming the first differing variable (0: off).")
 
 
 def config_from_flags() -> TrainConfig:
@@ -116,7 +119,7 @@ def _train(argv):
         sys.exit(2)
     import tensorflow as tf
 
-    from lars_tf.train import Trainer  # imports Horovod: only once the flags are good
+    from lars_tf.train import ReplicasDiverged, Trainer  # imports Horovod: flags are good
 
     try:
         Trainer(config).fit()
@@ -124,9 +127,35 @@ def _train(argv):
         logging.error("%s", e)
         sys.exit(2)
     except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+        if _HOROVOD_DOWN in e.message:
+            _lost_a_rank(config)
         # --strict_data (a corrupt JPEG or truncated shard), or a label out of range
         logging.error("bad input data: %s", e.message.splitlines()[0][:2000])
         sys.exit(3)
+    except (FloatingPointError, ReplicasDiverged) as e:
+        logging.error("%s", e)
+        sys.exit(4)
+    except tf.errors.OpError as e:
+        if _HOROVOD_DOWN in e.message:
+            _lost_a_rank(config)
+        raise
+
+
+_HOROVOD_DOWN = "Horovod has been shut down"
+
+
+def _lost_a_rank(config) -> None:
+    """A collective failed because another rank died, raised, or stalled past the
+    launcher's HOROVOD_STALL_SHUTDOWN_TIME_SECONDS: say so, and how to continue."""
+    from lars_tf import checkpoint
+
+    latest = checkpoint.latest(config.model_dir) if config.model_dir else None
+    logging.error(
+        "another rank failed or stopped responding, so Horovod shut the job down (the "
+        "launcher's output names the failed rank; a stalled one is named by Horovod's stall "
+        "check above). %s", f"Continue from {latest[1]} (epoch {latest[0]}) with --resume "
+        f"--model_dir={config.model_dir}" if latest else "No checkpoint was written yet.")
+    sys.exit(5)
 
 
 def train_main():

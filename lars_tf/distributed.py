@@ -142,6 +142,13 @@ def allreduce_sum(values, name: str) -> np.ndarray:
     return hvd_tf.allreduce(x, op=hvd_tf.Sum, name=name).numpy()
 
 
+def allreduce_min_max(values, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Element-wise minimum and maximum of a float64 vector over all ranks."""
+    x = tf.constant(np.asarray(values, dtype=np.float64))
+    return (hvd_tf.allreduce(x, op=hvd_tf.Min, name=f"{name}.min").numpy(),
+            hvd_tf.allreduce(x, op=hvd_tf.Max, name=f"{name}.max").numpy())
+
+
 def broadcast_object(obj, name: str):
     """Rank 0's picklable ``obj`` on every rank."""
     return hvd_tf.broadcast_object(obj, root_rank=0, name=name)

@@ -23,6 +23,10 @@ from lars_tf.schedules import WarmupPolynomialDecay
 SUMMARY_FILE = "summary.json"
 
 
+class ReplicasDiverged(RuntimeError):
+    """The ranks no longer hold the same weights (``--check_replicas_every``)."""
+
+
 def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupPolynomialDecay:
     """Warmup + polynomial decay over the run, in weight updates.
 
@@ -97,7 +101,8 @@ class Trainer:
     ``model`` defaults to ``config.model`` from the registry. ``fit()`` reads
     ``config.dataset``; or pass ``fit(train_ds, eval_ds, steps_per_epoch=N)`` with this
     rank's batched ``tf.data`` datasets (the same N on every rank; ``eval_ds`` holds this
-    rank's share of the eval examples). Rank 0 alone logs and writes ``model_dir``:
+    rank's share of the eval examples). ``callbacks`` (Keras callbacks) run on every rank
+    after the trainer's own. Rank 0 alone logs and writes ``model_dir``:
     checkpoints, TensorBoard logs and ``summary.json``.
     """
 
@@ -113,7 +118,8 @@ class Trainer:
         self.history: list[dict] = []
 
     def fit(self, train: tf.data.Dataset | data_lib.Datasets | None = None,
-            eval: tf.data.Dataset | None = None, steps_per_epoch: int | None = None) -> dict:
+            eval: tf.data.Dataset | None = None, steps_per_epoch: int | None = None,
+            callbacks: list[tf.keras.callbacks.Callback] | None = None) -> dict:
         config, world = self.config, self.world
         t_start = time.time()
         resume = self._find_checkpoint()
@@ -159,6 +165,10 @@ class Trainer:
         tta = _TimeToAccuracy(config.target_accuracy, t_start - elapsed_before,
                               meta.get("time_to_accuracy"))
         callbacks = [
+            *([_StopOnNonFinite(optimizer, world.rank, datasets.steps_per_epoch)]
+              if config.precision != "mixed_float16" else []),
+            *([_CheckReplicas(config.check_replicas_every, optimizer)]
+              if config.check_replicas_every else []),
             distributed.metric_average_callback(),
             _EpochTimer(config.global_batch_size * datasets.steps_per_epoch
                         // config.backward_passes_per_step),
@@ -168,6 +178,7 @@ class Trainer:
             tta,
             _LearningRate(optimizer),
             _Record(self.history, world.is_chief),
+            *(callbacks or []),
         ]
         if world.is_chief and config.model_dir:
             if config.checkpoint_every:
@@ -290,6 +301,68 @@ def _log_rank_settings(ranks: list[dict]) -> None:
         values = [r["env"].get(key) for r in ranks]
         if len(set(values)) > 1:
             logging.warning("ranks run with different %s: %s", key, values)
+
+
+class _StopOnNonFinite(tf.keras.callbacks.Callback):
+    """fp32 / bfloat16: a NaN or Inf loss stops the run at that step, naming it.
+
+    A non-finite gradient reaches every rank through the all-reduce, so every rank sees a
+    non-finite loss at the same step or the next and stops; a rank that is still waiting in
+    a collective is released when the stopping ranks exit (Horovod shuts down). Checkpoints
+    are only written at epoch ends, so none holds the broken weights. (mixed_float16 is not
+    checked here: its loss scaling skips steps whose gradients overflow.)
+    """
+
+    def __init__(self, optimizer, rank: int, steps_per_epoch: int):
+        super().__init__()
+        self.optimizer, self.rank, self.steps_per_epoch = optimizer, rank, steps_per_epoch
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None or math.isfinite(float(loss)):
+            return
+        step = self.epoch * self.steps_per_epoch + batch + 1
+        raise FloatingPointError(
+            f"the training loss is {float(loss)} at step {step} (epoch {self.epoch + 1}, "
+            f"batch {batch + 1}) on rank {self.rank}: training stopped, no checkpoint holds "
+            "these weights. Lower --learning_rate or raise --warmup_epochs, then resume from "
+            "the last checkpoint with --resume")
+
+
+class _CheckReplicas(tf.keras.callbacks.Callback):
+    """Every ``every`` steps, all ranks compare checksums of every trainable variable (sum
+    and sum of squares, in float64, through one min and one max all-reduce); any difference
+    stops every rank at once, naming the first variable that differs."""
+
+    def __init__(self, every: int, optimizer):
+        super().__init__()
+        self.every, self.optimizer = every, optimizer
+        self._steps, self._checksums = 0, None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        if self._steps % self.every:
+            return
+        variables = self.model.trainable_variables
+        if self._checksums is None:
+            def checksums():
+                return tf.stack([s for v in variables for s in (
+                    tf.reduce_sum(tf.cast(v, tf.float64)),
+                    tf.reduce_sum(tf.square(tf.cast(v, tf.float64))))])
+            self._checksums = tf.function(checksums)
+        lo, hi = distributed.allreduce_min_max(self._checksums().numpy(),
+                                               name="lars_tf.check_replicas")
+        differ = np.nonzero(lo != hi)[0]
+        if len(differ):
+            v = variables[differ[0] // 2]
+            raise ReplicasDiverged(
+                f"ranks hold different weights after step {self._steps}: first differing "
+                f"variable {v.name!r} (checksum {lo[differ[0]]!r} to {hi[differ[0]]!r} over "
+                f"ranks; {len(set(differ // 2))} of {len(variables)} variables differ)")
 
 
 class _EpochTimer(tf.keras.callbacks.Callback):

@@ -18,7 +18,9 @@ Hosts:
                              (default: GPUs that nvidia-smi lists here, else 1)
   -np N                      total processes (default: every slot)
   --network-interface NIC    the interface(s) between hosts (e.g. eth0 or ib0,eth0)
-  --mpi                      Horovod's MPI controller (default: Gloo, which needs no MPI)
+  --mpi | --gloo             Horovod's controller (default: MPI when mpirun is on PATH, as
+                             with the venv's Open MPI; else Gloo). Horovod 0.28.1 enforces
+                             --stall-shutdown-sec only under MPI.
 
 $TUNING_HELP
 
@@ -29,7 +31,7 @@ Examples:
 EOF
 }
 
-HOST_ARGS="" HOSTFILE="" NP="" GPUS_PER_HOST="" NIC="" CONTROLLER="--gloo"
+HOST_ARGS="" HOSTFILE="" NP="" GPUS_PER_HOST="" NIC="" CONTROLLER=""
 while [[ $# -gt 0 ]]; do
     tuning_flag "$@"
     if [[ "$TUNING_USED" -gt 0 ]]; then shift "$TUNING_USED"; continue; fi
@@ -70,6 +72,17 @@ check_np "$NP"
 if [[ -n "$NIC" ]]; then
     setvar NCCL_SOCKET_IFNAME "$NIC"
 fi
+if [[ -z "$CONTROLLER" ]]; then
+    CONTROLLER="--gloo"
+    command -v mpirun >/dev/null 2>&1 && CONTROLLER="--mpi"
+fi
+if [[ "$CONTROLLER" == --gloo && "${HOROVOD_STALL_SHUTDOWN_TIME_SECONDS:-0}" != 0 ]]; then
+    echo "$(basename "$0"): note: under Gloo, Horovod 0.28.1 reports no stalled rank and does" \
+         "not shut a stalled job down (HOROVOD_STALL_SHUTDOWN_TIME_SECONDS); use --mpi for that" >&2
+fi
 CMD=(horovodrun "$CONTROLLER" -np "$NP" -H "$(host_list)")
 [[ -n "$NIC" ]] && CMD+=(--network-interface "$NIC")
+# horovodrun 0.28.1 passes Open MPI <= 4's single-dash "-bind-to none -map-by slot", which
+# Open MPI 5's mpirun rejects; give the binding in a form both accept.
+[[ "$CONTROLLER" == --mpi ]] && CMD+=(--binding-args "--bind-to none")
 show_and_run "${CMD[@]}" "${PROGRAM[@]}"

@@ -54,3 +54,34 @@ def run_job(cmd: list[str], timeout: float = 300, check: bool = True,
         pytest.fail(f"job failed ({proc.returncode}): {' '.join(cmd)}\n"
                     f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def rank_pids(root_pid: int) -> dict[int, int]:
+    """{rank: pid} of the Horovod ranks started by the launcher process ``root_pid``
+    (horovodrun sets HOROVOD_RANK, Open MPI OMPI_COMM_WORLD_RANK in each rank's environment)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            ancestor = pid
+            while ancestor > 1 and ancestor != root_pid:
+                ancestor = _parent(ancestor)
+            if ancestor != root_pid or pid == root_pid:
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+            with open(f"/proc/{pid}/comm", "rb") as f:
+                comm = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        rank = env.get(b"HOROVOD_RANK", env.get(b"OMPI_COMM_WORLD_RANK"))
+        if rank is not None and comm not in (b"sh", b"bash", b"env"):
+            found[int(rank)] = pid
+    return found

@@ -43,9 +43,10 @@ def test_horovodrun_launcher_settings_reach_every_rank(tmp_path):
 
 def test_fusion_off_reaches_horovod(tmp_path):
     """Threshold 0 must switch Horovod's tensor fusion off: the timeline then shows
-    all-reduces but never a copy into the fusion buffer."""
+    all-reduces but never a copy into the fusion buffer. (With the Gloo controller; the
+    test above runs the default, MPI.)"""
     timeline = tmp_path / "timeline.json"
-    run_job([str(LAUNCH / "horovodrun_gpu.sh"), "--gpus-per-host", "2",
+    run_job([str(LAUNCH / "horovodrun_gpu.sh"), "--gloo", "--gpus-per-host", "2",
              "--fusion-threshold-mb", "0", "--timeline", str(timeline),
              "--", *SHORT_RUN], timeout=240)
     events = timeline_events(timeline)
@@ -87,7 +88,7 @@ def dry_run(script, *args, **env):
 def test_dry_run_shows_every_setting_and_where_it_came_from(tmp_path):
     env_lines, command = dry_run(
         "horovodrun_gpu.sh", "-H", "a:4,b:4", "--preset", "ethernet", "--fusion-threshold-mb",
-        "32", "--fp16-allreduce", "--", "--model=resnet50", HOROVOD_CYCLE_TIME="7")
+        "32", "--fp16-allreduce", "--gloo", "--", "--model=resnet50", HOROVOD_CYCLE_TIME="7")
     assert "export HOROVOD_FUSION_THRESHOLD=33554432  # flag" in env_lines
     assert "export HOROVOD_CYCLE_TIME=7  # your environment" in env_lines
     assert "export HOROVOD_HIERARCHICAL_ALLREDUCE=1  # preset ethernet" in env_lines

@@ -169,7 +169,8 @@ def _imagenet(config, rank: int, size: int, eval_batch_size: int,
                          "validation-* TFRecord shards)")
     files = imagenet.split_files(data_dir, "train")
     eval_files = imagenet.split_files(data_dir, "validation")
-    imagenet.check_labels(files, config.num_classes, config.label_offset)
+    imagenet.check_labels(files, config.num_classes, config.label_offset,
+                          strict=config.strict_data)
     examples = config.train_examples or imagenet.count_records(files)
     steps = _steps(config, examples, size)
     batch, det, size_px = config.per_rank_batch_size(size), config.deterministic, \

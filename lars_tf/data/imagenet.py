@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import sys
 
 import tensorflow as tf
@@ -53,15 +54,31 @@ def parse(record: tf.Tensor, label_offset: int = 0):
         box[None]
 
 
-def check_labels(files: list[str], num_classes: int, label_offset: int, records: int = 256):
+def check_labels(files: list[str], num_classes: int, label_offset: int, records: int = 256,
+                 strict: bool = False):
     """Look at the first records of the first shard before training: labels outside
     ``[0, num_classes)`` after ``label_offset`` mean a wrong ``--label_offset`` or
-    ``--num_classes``, so fail now rather than mid-epoch."""
-    for i, rec in enumerate(tf.data.TFRecordDataset(files[:1]).take(records)):
+    ``--num_classes``, so fail now rather than mid-epoch. A shard that is not readable
+    there fails now with ``strict`` (``--strict_data``); otherwise the pipeline skips and
+    reports it."""
+    i, it = 0, iter(tf.data.TFRecordDataset(files[:1]).take(records))
+    while True:
+        try:
+            rec = next(it)
+        except StopIteration:
+            return
+        except tf.errors.DataLossError as e:
+            if not strict:
+                return
+            why = re.sub(r"\{\{.*?\}\}\s*", "", e.message).split("(")[0].strip()
+            raise tf.errors.DataLossError(
+                None, None, f"{files[0]}: record {i} cannot be read ({why}): not a TFRecord "
+                "file, or a damaged one (--strict_data)") from e
+        i += 1
         label = int(tf.io.parse_single_example(rec, FEATURES)["image/class/label"])
         if not 0 <= label - label_offset < num_classes:
             raise ValueError(
-                f"{files[0]}: record {i} has label {label}, which with --label_offset="
+                f"{files[0]}: record {i - 1} has label {label}, which with --label_offset="
                 f"{label_offset} is outside [0, --num_classes={num_classes})")
 
 
