@@ -22,12 +22,18 @@ train: setup
 test: setup
 	python -m pytest tests
 
-# Benchmarks write benchmarks/RESULTS.md. Model Garden (the LARS baseline) is installed here
-# only, without its dependencies: the benchmark loads just its lars.py.
+# Benchmarks write benchmarks/RESULTS.md (and raw JSON + plots in benchmarks/results/).
+# Model Garden (the LARS baseline) is installed here only, without its dependencies: the
+# benchmark loads just its lars.py. matplotlib draws the plots. The large-batch study takes
+# about an hour on 2 cores.
 bench: setup
 	python -m pip install -q --no-deps -c constraints.txt tf-models-official
+	python -m pip install -q -c constraints.txt matplotlib
 	python benchmarks/lars_overhead.py
 	python benchmarks/input_pipeline.py
+	python benchmarks/allreduce.py
+	python benchmarks/scaling.py
+	python benchmarks/large_batch.py
 
 lint: setup
 	ruff check lars_tf models benchmarks tests
