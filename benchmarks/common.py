@@ -35,6 +35,18 @@ def command_line() -> str:
         os.path.relpath(sys.argv[0], RESULTS.parent.parent)] + sys.argv[1:])
 
 
+def define_output_flags(name: str) -> None:
+    """--out (raw JSON; the PNG goes beside it), --report_only and --write, shared by the
+    benchmarks that keep raw results in benchmarks/results/."""
+    from absl import flags
+
+    flags.DEFINE_string("out", str(RESULTS.parent / "results" / f"{name}.json"),
+                        "Raw results (JSON); the PNG goes beside it.")
+    flags.DEFINE_bool("report_only", False,
+                      "Rebuild the table, plot and RESULTS.md section from the raw JSON of --out.")
+    flags.DEFINE_bool("write", True, "Write the section of benchmarks/RESULTS.md.")
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 

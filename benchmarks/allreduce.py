@@ -1,0 +1,251 @@
+"""All-reduce of ResNet-50's gradients across 2 Horovod ranks: tensor fusion, cycle time,
+Gloo vs MPI, fp32 vs fp16 compression, against the machine's memory-copy bound.
+
+    python benchmarks/allreduce.py [--rounds 3] [--steps 20] [--nowrite]
+
+Each setting is one 2-rank job started with launch/horovodrun_gpu.sh (so the presets and
+flags are the launchers' own): the default preset (single_node), and fusion threshold 0
+(off), 64 MB and 128 MB at cycle times of 1 and 5 ms, under Gloo and MPI. In every job the
+ranks run ``hvd.DistributedGradientTape`` over variables with ResNet-50 v1.5's 161 trainable
+shapes (25.6M floats), the gradient being a fixed random tensor per variable, and time:
+
+- the step without Horovod (the gradient computation alone, subtracted below);
+- the step with the all-reduce, uncompressed (fp32) and with ``hvd.Compression.fp16``,
+  in alternating blocks;
+- a local memory copy of the same bytes, on both ranks at once (numpy ``copyto``), whose
+  bandwidth bounds what a ring all-reduce on one machine can do: each rank moves
+  2 (p - 1) / p of the gradient bytes, so ``bound = 2 (p - 1) / p * bytes / bandwidth``.
+
+The jobs take turns over --rounds rounds; each figure is the median over rounds of the
+per-job median step. Writes benchmarks/results/allreduce.{json,png} and its RESULTS.md section.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from absl import app, flags  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+
+flags.DEFINE_integer("rounds", 3, "Rounds over all settings.")
+flags.DEFINE_integer("steps", 20, "Timed steps per block.")
+flags.DEFINE_integer("blocks", 3, "Alternating fp32/fp16 blocks per job.")
+flags.DEFINE_string("worker", None, "Internal: time the all-reduce, rank 0 writes here.")
+common.define_output_flags("allreduce")
+FLAGS = flags.FLAGS
+
+# (label, launcher flags); the first is the default preset as the launchers set it.
+SETTINGS = [("default preset (single_node)", [])]
+for _mb in (0, 64, 128):
+    for _cycle in ((1,) if _mb == 0 else (1, 5)):
+        SETTINGS.append((f"fusion {_mb} MB, cycle {_cycle} ms" if _mb else
+                         "fusion off (0), cycle 1 ms",
+                         ["--fusion-threshold-mb", str(_mb), "--cycle-time-ms", str(_cycle)]))
+CONTROLLERS = ("gloo", "mpi")
+
+
+def worker(out: str) -> None:
+    import horovod.tensorflow as hvd
+    import numpy as np
+    import tensorflow as tf
+
+    from lars_tf import models
+
+    hvd.init()
+    shapes = [tuple(v.shape) for v in
+              models.get("resnet50", (224, 224, 3), 1000).trainable_variables]
+    tf.keras.backend.clear_session()
+    rng = np.random.default_rng(hvd.rank())
+    variables = [tf.Variable(tf.zeros(s)) for s in shapes]
+    grads = [tf.constant(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
+    n_floats = sum(int(np.prod(s)) for s in shapes)
+
+    def make_step(compression):
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                loss = tf.add_n([tf.reduce_sum(v * g) for v, g in zip(variables, grads)])
+            if compression is not None:
+                tape = hvd.DistributedGradientTape(tape, compression=compression)
+            return tape.gradient(loss, variables)
+        return step
+
+    steps = {"local": make_step(None), "fp32": make_step(hvd.Compression.none),
+             "fp16": make_step(hvd.Compression.fp16)}
+
+    def timed(fn):
+        for _ in range(3):
+            fn()
+        hvd.allreduce(tf.constant(0.0), name="sync")  # start the block together
+        out = []
+        for _ in range(FLAGS.steps):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        return out
+
+    times = {k: [] for k in steps}
+    for _ in range(FLAGS.blocks):
+        for name, fn in steps.items():
+            times[name] += timed(fn)
+
+    # the same bytes copied locally, both ranks at once
+    src = np.ones(n_floats, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    hvd.allreduce(tf.constant(0.0), name="sync_copy")
+    copies = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        copies.append(time.perf_counter() - t0)
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = hvd.allgather_object(rss, name="rss")
+    if hvd.rank() == 0:
+        result = {k: statistics.median(v) for k, v in times.items()}
+        result.update(copy_sec=statistics.median(copies), bytes=4 * n_floats,
+                      tensors=len(shapes), size=hvd.size(), peak_rss_mb_per_rank=peak,
+                      fusion_threshold=os.environ.get("HOROVOD_FUSION_THRESHOLD"),
+                      cycle_time=os.environ.get("HOROVOD_CYCLE_TIME"))
+        Path(out).write_text(json.dumps(result))
+
+
+def run_job(controller: str, flags_: list[str], out: Path) -> dict:
+    cmd = [str(ROOT / "launch" / "horovodrun_gpu.sh"), f"--{controller}", "--gpus-per-host",
+           "2", *flags_, "--", sys.executable, os.path.abspath(__file__), f"--worker={out}",
+           f"--steps={FLAGS.steps}", f"--blocks={FLAGS.blocks}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def main(argv):
+    del argv
+    if FLAGS.worker:
+        worker(FLAGS.worker)
+        return
+    import tensorflow as tf
+
+
+    out = Path(FLAGS.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not FLAGS.report_only:
+        t0 = time.time()
+        jobs = [(c, label, fl) for c in CONTROLLERS for label, fl in SETTINGS]
+        results = {f"{c}|{label}": [] for c, label, _ in jobs}
+        tmp = out.with_suffix(".job.json")
+        for r in range(FLAGS.rounds):
+            for c, label, fl in jobs:
+                res = run_job(c, fl, tmp)
+                results[f"{c}|{label}"].append(res)
+                print(f"[allreduce] round {r + 1} {c:4s} {label:32s} fp32 "
+                      f"{1e3 * (res['fp32'] - res['local']):7.1f} ms  fp16 "
+                      f"{1e3 * (res['fp16'] - res['local']):7.1f} ms", flush=True)
+        tmp.unlink()
+        raw = {"command": common.command_line(), "machine": common.machine_line(),
+               "versions": {"tensorflow": tf.__version__}, "rounds": FLAGS.rounds,
+               "steps": FLAGS.steps, "blocks": FLAGS.blocks, "total_sec": time.time() - t0,
+               "results": results}
+        out.write_text(json.dumps(raw, indent=1))
+    report(json.loads(out.read_text()), out)
+
+
+def report(raw: dict, out: Path) -> None:
+
+    results = raw["results"]
+    first = next(iter(results.values()))[0]
+    n_bytes, size = first["bytes"], first["size"]
+
+    def med(key, field):
+        return statistics.median(r[field] for r in results[key])
+
+    def allreduce_sec(key, precision):
+        """Median over rounds of (step with all-reduce - step without)."""
+        return statistics.median(r[precision] - r["local"] for r in results[key])
+
+    copy_bw = statistics.median(r["bytes"] / r["copy_sec"] for rs in results.values()
+                                for r in rs)
+    bound = 2 * (size - 1) / size * n_bytes / copy_bw
+    off = allreduce_sec("gloo|fusion off (0), cycle 1 ms", "fp32")
+    table = ["| controller | setting | all-reduce fp32 (ms/step) | vs fusion off | fraction "
+             "of copy bound | fp16 compression (ms/step) | fp16 vs fp32 | peak RSS/rank "
+             "(MB) |", "|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for key in results:
+        controller, label = key.split("|")
+        fp32, fp16 = allreduce_sec(key, "fp32"), allreduce_sec(key, "fp16")
+        off_c = allreduce_sec(f"{controller}|fusion off (0), cycle 1 ms", "fp32")
+        peak = max(max(r["peak_rss_mb_per_rank"]) for r in results[key])
+        rows.append((controller, label, fp32, fp16))
+        table.append(f"| {controller} | {label} | {1e3 * fp32:.1f} | {off_c / fp32:.2f}x | "
+                     f"{bound / fp32:.0%} | {1e3 * fp16:.1f} | {fp32 / fp16:.2f}x | "
+                     f"{peak:.0f} |")
+    default = allreduce_sec("gloo|default preset (single_node)", "fp32")
+    default_mpi = allreduce_sec("mpi|default preset (single_node)", "fp32")
+    off_mpi = allreduce_sec("mpi|fusion off (0), cycle 1 ms", "fp32")
+    local = med("gloo|default preset (single_node)", "local")
+
+    png = out.with_suffix(".png")
+    plot(rows, bound, png)
+    common.report(
+        "allreduce", "All-reduce of ResNet-50's gradients (`benchmarks/allreduce.py`)",
+        f"{first['tensors']} tensors, {n_bytes / 2**20:.1f} MiB of float32 gradients, "
+        f"all-reduced (average) by `hvd.DistributedGradientTape` across {size} ranks on this "
+        f"machine, each setting a job of `launch/horovodrun_gpu.sh`; all-reduce time = step "
+        f"with Horovod - the same step without it ({1e3 * local:.1f} ms); median over "
+        f"{raw['rounds']} rounds of the median of {raw['blocks']} x {raw['steps']} steps. "
+        f"Memory-copy bandwidth measured in the same jobs, both ranks copying at once: "
+        f"{copy_bw / 2**30:.1f} GiB/s, so a ring all-reduce of these bytes cannot beat "
+        f"{1e3 * bound:.1f} ms (2 (p-1)/p x bytes / bandwidth). The whole run took "
+        f"{raw['total_sec'] / 60:.1f} min (`{raw['command']}`, {raw['machine']}). Raw "
+        f"results: `{os.path.relpath(out, common.RESULTS.parent)}`.",
+        table + ["", f"![all-reduce time per setting]"
+                     f"({os.path.relpath(png, common.RESULTS.parent)})"],
+        f"The default preset is {off / default:.2f}x faster than fusion off under Gloo "
+        f"({off_mpi / default_mpi:.2f}x under MPI) and reaches {bound / default:.0%} of the "
+        f"memory-copy bound (Gloo; {bound / default_mpi:.0%} under MPI).",
+        FLAGS.write)
+
+
+def plot(rows, bound: float, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted({r[1] for r in rows}, key=[r[1] for r in rows].index)
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.2
+    for i, (controller, precision) in enumerate([(c, p) for c in CONTROLLERS
+                                                  for p in ("fp32", "fp16")]):
+        ys = [1e3 * next(r[2] if precision == "fp32" else r[3] for r in rows
+                         if r[0] == controller and r[1] == label) for label in labels]
+        ax.bar([x + (i - 1.5) * width for x in range(len(labels))], ys, width,
+               label=f"{controller} {precision}")
+    ax.axhline(1e3 * bound, color="k", ls=":", label="memory-copy bound (fp32)")
+    ax.set_xticks(range(len(labels)), labels, rotation=15, fontsize=8)
+    ax.set_ylabel("all-reduce ms / step")
+    ax.set_title("ResNet-50 gradients (161 tensors, 25.6M floats), 2 ranks")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,186 @@
+"""Training throughput of ResNet-50 on synthetic data: 1 rank x 2 threads against 2 ranks x
+1 thread on this machine (the same cores), and where the 2-rank step goes (compute vs
+all-reduce, from the Horovod timeline).
+
+    python benchmarks/scaling.py [--image_size 224] [--batch_per_core 16] [--epochs 3]
+
+Both runs go through launch/mpirun_cpu.sh (ranks bound to their cores, TensorFlow and
+OpenMP threads sized to them): --ranks-per-node 1 (2 threads) and 2 (1 thread each), the same
+per-core batch, fp32, LARS. Each epoch is 10 global batches; the first epoch (graph tracing)
+is left out of the throughput. The 2-rank run writes a Horovod timeline: the k-th all-reduce
+of every gradient tensor belongs to step k, so the union of their ALLREDUCE intervals is the
+all-reduce time of that step (the rest of the step is compute, input and waiting; the
+all-reduce can overlap the backward pass, so "compute" is an upper bound). Writes
+benchmarks/results/scaling.{json,png} and its RESULTS.md section.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from absl import app, flags  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+
+flags.DEFINE_integer("image_size", 224, "Synthetic image side.")
+flags.DEFINE_integer("batch_per_core", 16, "Examples per core per step.")
+flags.DEFINE_integer("epochs", 3, "Epochs of 10 steps; the first is warm-up.")
+flags.DEFINE_integer("cores", 2, "Cores of the node to use.")
+common.define_output_flags("scaling")
+FLAGS = flags.FLAGS
+
+
+def run(ranks: int, work: Path, timeline: Path | None) -> dict:
+    model_dir = work / f"ranks{ranks}"
+    cmd = [str(ROOT / "launch" / "mpirun_cpu.sh"), "--ranks-per-node", str(ranks),
+           "--cores-per-node", str(FLAGS.cores)]
+    if timeline:
+        cmd += ["--timeline", str(timeline)]
+    cmd += ["--", "--model=resnet50", "--dataset=synthetic", f"--image_size={FLAGS.image_size}",
+            f"--global_batch_size={FLAGS.batch_per_core * FLAGS.cores}",
+            f"--epochs={FLAGS.epochs}", "--warmup_epochs=0", "--eval_every=1000",
+            "--noprogress_bar", f"--model_dir={model_dir}", "--checkpoint_every=0"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads((model_dir / "summary.json").read_text())
+    steps = summary["steps_per_epoch"]
+    speeds = [h["images_per_sec"] for h in summary["history"][1:]]
+    return {"ranks": ranks, "threads_per_rank": FLAGS.cores // ranks,
+            "images_per_sec": statistics.mean(speeds), "epoch_images_per_sec": speeds,
+            "step_sec": statistics.mean(h["epoch_time_sec"] for h in summary["history"][1:])
+            / steps, "steps_per_epoch": steps, "command": " ".join(cmd),
+            "peak_rss_mb_per_rank": summary["peak_rss_mb_per_rank"],
+            "wall_sec": time.time() - t0}
+
+
+def allreduce_per_step(timeline: Path, skip_steps: int) -> list[float]:
+    """Seconds of all-reduce activity in each step after the first ``skip_steps``."""
+    events = json.loads(timeline.read_text())
+    names = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name" and "name" in e["args"]}
+    spans = defaultdict(list)  # pid -> [(start, end)] of its ALLREDUCE activities
+    open_at = {}
+    stack = defaultdict(list)
+    for e in events:
+        pid = e.get("pid")
+        if e.get("ph") == "B":
+            stack[pid].append(e.get("name"))
+            if e.get("name") == "ALLREDUCE":
+                open_at[pid] = e["ts"]
+        elif e.get("ph") == "E" and stack[pid]:
+            if stack[pid].pop() == "ALLREDUCE":
+                spans[pid].append((open_at.pop(pid), e["ts"]))
+    # gradient tensors are all-reduced once per step: the most frequent count
+    counts = [len(v) for v in spans.values()]
+    per_step = max(set(counts), key=counts.count)
+    grads = [v for pid, v in spans.items() if len(v) == per_step
+             and "Allreduce" in names.get(pid, "Allreduce")]
+    out = []
+    for k in range(skip_steps, per_step):
+        intervals = sorted(v[k] for v in grads)
+        busy, end = 0.0, None
+        for s, e in intervals:
+            if end is None or s > end:
+                busy += e - s
+                end = e
+            elif e > end:
+                busy += e - end
+                end = e
+        out.append(busy / 1e6)
+    return out
+
+
+def main(argv):
+    del argv
+    import tensorflow as tf
+
+
+    out = Path(FLAGS.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not FLAGS.report_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            timeline = work / "timeline.json"
+            one = run(1, work, None)
+            two = run(FLAGS.cores, work, timeline)
+            ar = allreduce_per_step(timeline, skip_steps=two["steps_per_epoch"])
+        raw = {"command": common.command_line(), "machine": common.machine_line(),
+               "versions": {"tensorflow": tf.__version__}, "image_size": FLAGS.image_size,
+               "batch_per_core": FLAGS.batch_per_core, "runs": [one, two],
+               "allreduce_sec_per_step": ar}
+        out.write_text(json.dumps(raw, indent=1))
+    report(json.loads(out.read_text()), out)
+
+
+def report(raw: dict, out: Path) -> None:
+
+    one, two = raw["runs"]
+    ar = statistics.mean(raw["allreduce_sec_per_step"])
+    compute = two["step_sec"] - ar
+    efficiency = two["images_per_sec"] / one["images_per_sec"]
+    table = ["| ranks x threads | images/sec | step (s) | all-reduce (s/step) | compute + "
+             "rest (s/step) | vs 1 x 2 | peak RSS/rank (MB) |", "|---|---|---|---|---|---|---|",
+             f"| 1 x {one['threads_per_rank']} | {one['images_per_sec']:.2f} | "
+             f"{one['step_sec']:.2f} | - | {one['step_sec']:.2f} | 1.00x | "
+             f"{max(one['peak_rss_mb_per_rank']):.0f} |",
+             f"| {two['ranks']} x {two['threads_per_rank']} | {two['images_per_sec']:.2f} | "
+             f"{two['step_sec']:.2f} | {ar:.3f} ({ar / two['step_sec']:.1%}) | {compute:.2f} | "
+             f"{efficiency:.2f}x | {max(two['peak_rss_mb_per_rank']):.0f} |"]
+    png = out.with_suffix(".png")
+    plot(one, two, ar, png)
+    common.report(
+        "scaling", "Scaling on this machine (`benchmarks/scaling.py`)",
+        f"ResNet-50 v1.5, synthetic {raw['image_size']}x{raw['image_size']} images, "
+        f"{raw['batch_per_core']} examples per core per step, fp32, LARS, through "
+        f"`launch/mpirun_cpu.sh` (ranks bound to cores); throughput over epochs 2+ (10 steps "
+        f"each); all-reduce time per step from the 2-rank run's Horovod timeline. "
+        f"(`{raw['command']}`, {raw['machine']}). Raw results: "
+        f"`{os.path.relpath(out, common.RESULTS.parent)}`.",
+        table + ["", f"![throughput and step split]"
+                     f"({os.path.relpath(png, common.RESULTS.parent)})"],
+        f"Scaling efficiency (2 ranks x 1 thread over 1 rank x 2 threads, same cores): "
+        f"{efficiency:.2f}x; the all-reduce of the 25.6M gradients takes "
+        f"{ar / two['step_sec']:.1%} of a 2-rank step.",
+        FLAGS.write)
+
+
+def plot(one: dict, two: dict, ar: float, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    labels = [f"1 x {one['threads_per_rank']}", f"{two['ranks']} x {two['threads_per_rank']}"]
+    ax1.bar(labels, [one["images_per_sec"], two["images_per_sec"]], color=["C0", "C1"])
+    ax1.set_ylabel("images / sec")
+    ax1.set_xlabel("ranks x threads per rank")
+    ax1.set_title("ResNet-50 training throughput")
+    ax2.bar(labels, [one["step_sec"], two["step_sec"] - ar], label="compute + rest")
+    ax2.bar(labels, [0, ar], bottom=[one["step_sec"], two["step_sec"] - ar],
+            label="all-reduce (timeline)")
+    ax2.set_ylabel("seconds / step")
+    ax2.set_title("step time split")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+if __name__ == "__main__":
+    app.run(main)
