@@ -64,14 +64,19 @@ def write_section(name: str, body: str) -> None:
 
 
 def report(section: str, heading: str, description: str, table: list[str], conclusion: str,
-           write: bool) -> str:
+           write: bool, raw: dict | None = None) -> str:
     """Print a benchmark's result (what was measured, the command, the machine, peak memory,
-    the table, the conclusion) and, with ``write``, put it in its RESULTS.md section."""
+    the table, the conclusion) and, with ``write``, put it in its RESULTS.md section.
+
+    ``raw``: the saved results of an earlier run (``--report_only``), whose command and
+    machine are reported instead of this process's."""
+    lines = [f"- command: `{command_line()}`", f"- machine: {machine_line()}",
+             f"- peak RSS of the process: {peak_rss_mb():.0f} MB"]
+    if raw is not None:
+        lines = [f"- command: `{raw['command']}`", f"- machine: {raw['machine']}"]
     body = "\n".join([
         f"## {heading}", "", description, "",
-        f"- command: `{command_line()}`",
-        f"- machine: {machine_line()}",
-        f"- peak RSS of the process: {peak_rss_mb():.0f} MB",
+        *lines,
         "", *table, "", conclusion,
     ])
     print(body)

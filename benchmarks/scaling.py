@@ -150,14 +150,22 @@ def report(raw: dict, out: Path) -> None:
         f"{raw['batch_per_core']} examples per core per step, fp32, LARS, through "
         f"`launch/mpirun_cpu.sh` (ranks bound to cores); throughput over epochs 2+ (10 steps "
         f"each); all-reduce time per step from the 2-rank run's Horovod timeline. "
-        f"(`{raw['command']}`, {raw['machine']}). Raw results: "
+        f"Raw results: "
         f"`{os.path.relpath(out, common.RESULTS.parent)}`.",
         table + ["", f"![throughput and step split]"
                      f"({os.path.relpath(png, common.RESULTS.parent)})"],
         f"Scaling efficiency (2 ranks x 1 thread over 1 rank x 2 threads, same cores): "
         f"{efficiency:.2f}x; the all-reduce of the 25.6M gradients takes "
-        f"{ar / two['step_sec']:.1%} of a 2-rank step.",
-        FLAGS.write)
+        f"{ar / two['step_sec']:.1%} of a 2-rank step.\n\n"
+        f"Reading: compute + rest is {one['step_sec']:.2f} s with 1 rank x 2 threads and "
+        f"{compute:.2f} s with 2 ranks x 1 thread, so the 2-rank run loses what its "
+        "all-reduce costs. That all-reduce is much slower than the same tensors alone in "
+        "`benchmarks/allreduce.py`, likely because each rank is bound to one core: "
+        "Horovod's background thread and MPI's copies share it with TensorFlow's compute, "
+        "and the ALLREDUCE spans of the timeline include the time they wait for it. With "
+        "more cores per rank (the usual CPU-cluster layout: one rank per socket) the "
+        "all-reduce gets its own core time.",
+        FLAGS.write, raw=raw)
 
 
 def plot(one: dict, two: dict, ar: float, png: Path) -> None:

@@ -165,9 +165,9 @@ class Trainer:
         tta = _TimeToAccuracy(config.target_accuracy, t_start - elapsed_before,
                               meta.get("time_to_accuracy"))
         callbacks = [
-            *([_StopOnNonFinite(optimizer, world.rank, datasets.steps_per_epoch)]
+            *([_StopOnNonFinite(world.rank, datasets.steps_per_epoch)]
               if config.precision != "mixed_float16" else []),
-            *([_CheckReplicas(config.check_replicas_every, optimizer)]
+            *([_CheckReplicas(config.check_replicas_every)]
               if config.check_replicas_every else []),
             distributed.metric_average_callback(),
             _EpochTimer(config.global_batch_size * datasets.steps_per_epoch
@@ -313,9 +313,9 @@ class _StopOnNonFinite(tf.keras.callbacks.Callback):
     checked here: its loss scaling skips steps whose gradients overflow.)
     """
 
-    def __init__(self, optimizer, rank: int, steps_per_epoch: int):
+    def __init__(self, rank: int, steps_per_epoch: int):
         super().__init__()
-        self.optimizer, self.rank, self.steps_per_epoch = optimizer, rank, steps_per_epoch
+        self.rank, self.steps_per_epoch = rank, steps_per_epoch
         self.epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -338,10 +338,10 @@ class _CheckReplicas(tf.keras.callbacks.Callback):
     and sum of squares, in float64, through one min and one max all-reduce); any difference
     stops every rank at once, naming the first variable that differs."""
 
-    def __init__(self, every: int, optimizer):
+    def __init__(self, every: int):
         super().__init__()
-        self.every, self.optimizer = every, optimizer
-        self._steps, self._checksums = 0, None
+        self.every = every
+        self._steps, self._checksums = 0, None  # steps (backward passes) of this run
 
     def on_train_batch_end(self, batch, logs=None):
         self._steps += 1
