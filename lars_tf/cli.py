@@ -94,6 +94,11 @@ flags.DEFINE_bool("progress_bar", _D.progress_bar, "Keras progress bar on rank 0
 flags.DEFINE_integer("check_replicas_every", _D.check_replicas_every,
                      "Every N steps, check that all ranks hold identical weights (a checksum "
                      "all-reduce); stop naming the first differing variable (0: off).")
+flags.DEFINE_integer("watchdog_sec", _D.watchdog_sec,
+                     "End this rank (exit 6; the launcher then ends the job) when no training "
+                     "step has finished for this many seconds: a frozen rank or a collective "
+                     "that never completes. Longer than an epoch-end eval + checkpoint "
+                     "(0: off).")
 
 
 def config_from_flags() -> TrainConfig:
@@ -117,12 +122,21 @@ def _train(argv):
     except ValueError as e:
         logging.error("%s", e)
         sys.exit(2)
+    from lars_tf.train import Trainer  # imports Horovod: only once the flags are good
+
+    run_with_exit_codes(config, lambda: Trainer(config).fit())
+
+
+def run_with_exit_codes(config, fit) -> None:
+    """Run ``fit()`` (a training run of ``config``), turning its failures into a logged
+    message and the exit codes of the README: 2 bad flags or files, 3 bad data, 4 NaN loss
+    or diverged replicas, 5 another rank was lost (the watchdog exits with 6 itself)."""
     import tensorflow as tf
 
-    from lars_tf.train import ReplicasDiverged, Trainer  # imports Horovod: flags are good
+    from lars_tf.train import ReplicasDiverged
 
     try:
-        Trainer(config).fit()
+        fit()
     except (ValueError, FileNotFoundError) as e:
         logging.error("%s", e)
         sys.exit(2)

@@ -64,6 +64,7 @@ class TrainConfig:
     inter_op_threads: int = 0
     progress_bar: bool = True
     check_replicas_every: int = 0
+    watchdog_sec: int = 0
 
     def __post_init__(self):
         _positive_int("global_batch_size", self.global_batch_size)
@@ -75,7 +76,7 @@ class TrainConfig:
         _positive_int("eval_every", self.eval_every)
         _positive_int("keep_checkpoints", self.keep_checkpoints)
         for flag in ("checkpoint_every", "stop_after_epoch", "intra_op_threads",
-                     "inter_op_threads", "check_replicas_every"):
+                     "inter_op_threads", "check_replicas_every", "watchdog_sec"):
             _int_at_least(flag, getattr(self, flag), 0)
         if self.stop_after_epoch > self.epochs:
             raise ValueError(f"--stop_after_epoch={self.stop_after_epoch} exceeds "

@@ -7,6 +7,7 @@ import math
 import os
 import resource
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -169,6 +170,7 @@ class Trainer:
               if config.precision != "mixed_float16" else []),
             *([_CheckReplicas(config.check_replicas_every)]
               if config.check_replicas_every else []),
+            *([_Watchdog(config.watchdog_sec, world.rank)] if config.watchdog_sec else []),
             distributed.metric_average_callback(),
             _EpochTimer(config.global_batch_size * datasets.steps_per_epoch
                         // config.backward_passes_per_step),
@@ -331,6 +333,49 @@ class _StopOnNonFinite(tf.keras.callbacks.Callback):
             f"batch {batch + 1}) on rank {self.rank}: training stopped, no checkpoint holds "
             "these weights. Lower --learning_rate or raise --warmup_epochs, then resume from "
             "the last checkpoint with --resume")
+
+
+class _Watchdog(tf.keras.callbacks.Callback):
+    """Ends this rank when no training step has finished for ``seconds``.
+
+    A rank that freezes (stopped, stuck in the kernel) takes Horovod's background thread
+    with it, so Horovod's own stall check, which needs every rank's thread, never fires and
+    the others wait forever (and under Gloo it does not fire at all). Here a thread on every
+    rank watches the steps; on timeout it logs the step it waited for and exits the process
+    (code 6), and the launcher (horovodrun, mpirun, srun --kill-on-bad-exit) ends the job.
+    The time of epoch-end work (evaluation, checkpoint) counts against ``seconds``.
+    """
+
+    EXIT_CODE = 6
+
+    def __init__(self, seconds: int, rank: int):
+        super().__init__()
+        self.seconds, self.rank = seconds, rank
+        self._last, self._steps = time.monotonic(), 0
+        self._done = threading.Event()
+
+    def on_train_begin(self, logs=None):
+        self._last = time.monotonic()
+        threading.Thread(target=self._watch, name="lars_tf-watchdog", daemon=True).start()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._last = time.monotonic()
+        self._steps += 1
+
+    def on_train_end(self, logs=None):
+        self._done.set()
+
+    def _watch(self):
+        while not self._done.wait(min(5.0, self.seconds / 4)):
+            idle = time.monotonic() - self._last
+            if idle > self.seconds:
+                logging.error(
+                    "rank %d: no training step has finished for %.0f s (--watchdog_sec=%d; "
+                    "waiting for step %d of this run): a rank froze or a collective never "
+                    "completes. Ending this rank so that the launcher ends the job; resume "
+                    "with --resume.", self.rank, idle, self.seconds, self._steps + 1)
+                logging.flush()
+                os._exit(self.EXIT_CODE)
 
 
 class _CheckReplicas(tf.keras.callbacks.Callback):

@@ -140,6 +140,7 @@ def test_replica_check_names_the_first_differing_variable(tmp_path):
     assert proc.returncode != 0
     assert re.search(r"ranks hold different weights after step 4: first differing variable "
                      r"'fc1/bias:0'", out), out[-3000:]
+    assert "exit with status code 4" in out  # lars-train's code for diverged replicas
 
 
 def test_stalled_rank_shuts_the_job_down_within_the_launchers_bound(tmp_path):
@@ -153,6 +154,28 @@ def test_stalled_rank_shuts_the_job_down_within_the_launchers_bound(tmp_path):
     stalled_at = out.index("rank 1: stalling")
     assert re.search(r"Missing ranks:\s*(\S+\s+)?1!?:", out[stalled_at:]), out[-3000:]
     assert "is stalled for longer than 8 seconds. Will shutdown." in out
+    # rank 0's collective failed: lars_tf says why and where to resume from
+    assert "another rank failed or stopped responding, so Horovod shut the job down" in out
+    assert "No checkpoint was written yet." in out
+
+
+def test_frozen_rank_is_ended_by_the_watchdog(tmp_path):
+    """A rank frozen whole (SIGSTOP: its Horovod thread too) defeats Horovod's stall check;
+    under Gloo the other rank would wait forever. --watchdog_sec ends the job."""
+    proc = start(launcher("gloo") + [
+        str(BIN / "lars-train"), f"--model_dir={tmp_path}", *RUN, "--epochs=6",
+        "--watchdog_sec=10"])
+    deadline = time.monotonic() + 180
+    while not (tmp_path / "checkpoints" / "epoch-000001").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+    pids = rank_pids(proc.pid)
+    os.kill(pids[1], signal.SIGSTOP)
+    out, seconds = finish(proc, timeout=90)
+    assert proc.returncode != 0 and seconds < 60
+    assert re.search(r"rank 0: no training step has finished for \d+ s \(--watchdog_sec=10; "
+                     r"waiting for step \d+ of this run\)", out), out[-3000:]
+    assert "Process 0 exit with status code 6" in out
 
 
 def _tree_digest(path):

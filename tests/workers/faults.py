@@ -12,7 +12,7 @@ import time
 import tensorflow as tf
 
 import lars_tf
-from lars_tf import TrainConfig
+from lars_tf import TrainConfig, cli
 
 fault, out_dir = sys.argv[1], sys.argv[2]
 overrides = dict(arg.split("=", 1) for arg in sys.argv[3:])
@@ -34,4 +34,5 @@ class Fault(tf.keras.callbacks.Callback):
             v.assign_add(tf.fill(v.shape, 1e-3))
 
 
-lars_tf.Trainer(config).fit(callbacks=[Fault()])
+# lars-train's error handling and exit codes, around the Python API
+cli.run_with_exit_codes(config, lambda: lars_tf.Trainer(config).fit(callbacks=[Fault()]))
