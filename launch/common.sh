@@ -187,6 +187,15 @@ parse_hostfile() {  # parse_hostfile FLAG FILE
     [[ ${#HOSTS[@]} -gt 0 ]] || die "$1=$file: the hostfile lists no hosts"
 }
 
+read_hosts() {  # read_hosts "-H value" "--hostfile value": one of them, default localhost
+    [[ -n "$1" && -n "$2" ]] && die "give -H or --hostfile, not both"
+    if [[ -n "$2" ]]; then
+        parse_hostfile --hostfile "$2"
+    else
+        parse_host_list -H "${1:-localhost}"
+    fi
+}
+
 fill_slots() {  # fill_slots N: hosts without a slot count get N
     local i
     for i in "${!SLOTS[@]}"; do

@@ -51,7 +51,6 @@ done
 set_program "$@"
 apply_settings
 
-[[ -n "$HOST_ARGS" && -n "$HOSTFILE" ]] && die "give -H or --hostfile, not both"
 if [[ -z "$GPUS_PER_HOST" ]]; then
     GPUS_PER_HOST=1
     if command -v nvidia-smi >/dev/null 2>&1; then
@@ -60,11 +59,7 @@ if [[ -z "$GPUS_PER_HOST" ]]; then
     fi
 fi
 [[ "$GPUS_PER_HOST" -ge 1 ]] || die "--gpus-per-host=$GPUS_PER_HOST: must be >= 1"
-if [[ -n "$HOSTFILE" ]]; then
-    parse_hostfile --hostfile "$HOSTFILE"
-else
-    parse_host_list -H "${HOST_ARGS:-localhost}"
-fi
+read_hosts "$HOST_ARGS" "$HOSTFILE"
 fill_slots "$GPUS_PER_HOST"
 NP="${NP:-$(total_slots)}"
 check_np "$NP"

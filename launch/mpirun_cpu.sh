@@ -55,7 +55,6 @@ done
 set_program "$@"
 apply_settings
 
-[[ -n "$HOST_ARGS" && -n "$HOSTFILE" ]] && die "give -H or --hostfile, not both"
 [[ -n "$RPN" && -n "$RPS" ]] && die "give --ranks-per-node or --ranks-per-socket, not both"
 command -v "$MPIRUN" >/dev/null 2>&1 || die "--mpirun=$MPIRUN: not found (activate the venv, or give the path of your MPI's mpirun)"
 
@@ -81,11 +80,7 @@ else
     (( PE >= 1 )) || die "--ranks-per-socket=$RPS: more ranks than the $(( CORES / SOCKETS )) cores of a socket"
 fi
 
-if [[ -n "$HOSTFILE" ]]; then
-    parse_hostfile --hostfile "$HOSTFILE"
-else
-    parse_host_list -H "${HOST_ARGS:-localhost}"
-fi
+read_hosts "$HOST_ARGS" "$HOSTFILE"
 for i in "${!SLOTS[@]}"; do
     if [[ "${SLOTS[$i]}" != 0 ]] && (( SLOTS[i] < PER_NODE )); then
         die "${HOSTS[$i]} offers ${SLOTS[$i]} slots, fewer than the $PER_NODE ranks per node asked for"

@@ -136,6 +136,7 @@ GPU, CPU, SLURM = "horovodrun_gpu.sh", "mpirun_cpu.sh", "slurm.sbatch"
     (GPU, ["--fusion-threshold-mb", "lots"], "--fusion-threshold-mb=lots: must be an integer"),
     (GPU, ["--timeline", "/no/dir/t.json"], "--timeline=/no/dir/t.json: folder"),
     (GPU, ["--fusion"], "unknown option '--fusion'"),
+    (CPU, ["-H", "a:2", "--hostfile", "/no/hosts"], "give -H or --hostfile, not both"),
     (GPU, ["--fp16-allreduce", "--", "python", "mine.py"], "--fp16-allreduce passes"),
     (CPU, ["--ranks-per-node", "3", "--cores-per-node", "2"], "more ranks than the 2 cores"),
     (CPU, ["-H", "a:1", "--ranks-per-node", "2", "--cores-per-node", "2"], "a offers 1 slots"),
