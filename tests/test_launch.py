@@ -85,7 +85,7 @@ def dry_run(script, *args, **env):
     return env_lines, command
 
 
-def test_dry_run_shows_every_setting_and_where_it_came_from(tmp_path):
+def test_dry_run_shows_every_setting_and_where_it_came_from():
     env_lines, command = dry_run(
         "horovodrun_gpu.sh", "-H", "a:4,b:4", "--preset", "ethernet", "--fusion-threshold-mb",
         "32", "--fp16-allreduce", "--gloo", "--", "--model=resnet50", HOROVOD_CYCLE_TIME="7")
@@ -94,7 +94,6 @@ def test_dry_run_shows_every_setting_and_where_it_came_from(tmp_path):
     assert "export HOROVOD_HIERARCHICAL_ALLREDUCE=1  # preset ethernet" in env_lines
     assert command.startswith("horovodrun --gloo -np 8 -H a:4\\,b:4 lars-train")
     assert command.split()[-2:] == ["--model=resnet50", "--fp16_allreduce"]
-    assert not (tmp_path / "anything").exists()
 
 
 def fake_slurm(tmp_path):
