@@ -15,10 +15,16 @@ from lars_tf.config import (
     TrainConfig,
     check_model_dir,
 )
+from lars_tf.schedules import PRESETS
 
 _D = TrainConfig()
 FLAGS = flags.FLAGS
 
+flags.DEFINE_enum(
+    "preset", None, list(PRESETS),
+    "Published hyperparameters for a model and global batch (README 'ResNet-50 on "
+    "ImageNet'): sets the model, dataset, batch, epochs and every optimizer and schedule "
+    "flag; a flag you give wins over the preset.")
 flags.DEFINE_string("model", _D.model, "Registered model name (lars_tf.models.names()).")
 flags.DEFINE_string(
     "dataset", _D.dataset,
@@ -50,7 +56,10 @@ flags.DEFINE_enum("optimizer", _D.optimizer, list(OPTIMIZERS),
                   "lars, or sgd: momentum SGD with the same weight decay, no trust ratio.")
 flags.DEFINE_float("learning_rate", _D.learning_rate,
                    "Peak learning rate for the global batch, reached after warmup.")
-flags.DEFINE_float("warmup_epochs", _D.warmup_epochs, "Epochs of linear warmup from 0.")
+flags.DEFINE_float("warmup_epochs", _D.warmup_epochs,
+                   "Epochs of linear warmup from --warmup_start_learning_rate.")
+flags.DEFINE_float("warmup_start_learning_rate", _D.warmup_start_learning_rate,
+                   "Learning rate at the first step of warmup.")
 flags.DEFINE_float("poly_power", _D.poly_power, "Power of the polynomial decay after warmup.")
 flags.DEFINE_float("end_learning_rate", _D.end_learning_rate, "Learning rate at the end.")
 flags.DEFINE_float("momentum", _D.momentum, "Momentum.")
@@ -102,9 +111,13 @@ flags.DEFINE_integer("watchdog_sec", _D.watchdog_sec,
 
 
 def config_from_flags() -> TrainConfig:
-    """A TrainConfig with every field taken from the flag of the same name."""
-    return TrainConfig(**{f.name: getattr(FLAGS, f.name)
-                          for f in dataclasses.fields(TrainConfig)})
+    """A TrainConfig with every field taken from the flag of the same name, or, for a flag
+    not given on the command line, from ``--preset`` when it has that field."""
+    preset = PRESETS[FLAGS.preset].values if FLAGS.preset else {}
+    values = {f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in preset.items() if not FLAGS[k].present})
+    values["preset"] = FLAGS.preset or ""
+    return TrainConfig(**values)
 
 
 def _train(argv):

@@ -22,7 +22,9 @@ class TrainConfig:
     each backward pass on a rank sees
     ``global_batch_size / (world_size * backward_passes_per_step)`` examples.
     ``learning_rate`` is the peak rate for the global batch (scale it from a reference with
-    ``lars_tf.scale_learning_rate``).
+    ``lars_tf.scale_learning_rate``). ``preset`` names the published preset the values
+    started from (``TrainConfig.from_preset``, ``lars-train --preset``); it is recorded,
+    the other fields are what runs.
     """
 
     model: str = "small_cnn"
@@ -41,6 +43,7 @@ class TrainConfig:
     optimizer: str = "lars"
     learning_rate: float = 3.0
     warmup_epochs: float = 3.0
+    warmup_start_learning_rate: float = 0.0
     poly_power: float = 2.0
     end_learning_rate: float = 0.0
     momentum: float = 0.9
@@ -65,6 +68,15 @@ class TrainConfig:
     progress_bar: bool = True
     check_replicas_every: int = 0
     watchdog_sec: int = 0
+    preset: str = ""
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> TrainConfig:
+        """The published preset ``name`` (``lars_tf.schedules.PRESETS``), with ``overrides``
+        on top: ``TrainConfig.from_preset("resnet50-32k", data_dir="/data/imagenet")``."""
+        from lars_tf.schedules import preset
+
+        return cls(**{**preset(name).values, **overrides, "preset": name})
 
     def __post_init__(self):
         _positive_int("global_batch_size", self.global_batch_size)
@@ -94,6 +106,10 @@ class TrainConfig:
             raise ValueError(f"--optimizer={self.optimizer!r}: must be one of {OPTIMIZERS}")
         _number("learning_rate", self.learning_rate, lo_open=0.0)
         _number("warmup_epochs", self.warmup_epochs, lo=0.0)
+        _number("warmup_start_learning_rate", self.warmup_start_learning_rate, lo=0.0)
+        if self.warmup_start_learning_rate > self.learning_rate:
+            raise ValueError(f"--warmup_start_learning_rate={self.warmup_start_learning_rate} "
+                             f"exceeds --learning_rate={self.learning_rate}")
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"--warmup_epochs={self.warmup_epochs} exceeds "
                              f"--epochs={self.epochs}")
@@ -111,6 +127,10 @@ class TrainConfig:
             raise ValueError(f"--precision={self.precision!r}: must be one of {PRECISIONS}")
         _positive_int("backward_passes_per_step", self.backward_passes_per_step)
         _number("gradient_predivide_factor", self.gradient_predivide_factor, lo_open=0.0)
+        if self.preset:
+            from lars_tf.schedules import preset
+
+            preset(self.preset)  # raises naming --preset if unknown
         if self.model_dir is not None and os.path.exists(self.model_dir) \
                 and not os.path.isdir(self.model_dir):
             raise ValueError(f"--model_dir={self.model_dir!r} exists and is not a directory")

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from lars_tf import checkpoint, distributed, models
+from lars_tf import checkpoint, distributed, models, schedules
 from lars_tf import data as data_lib
 from lars_tf import precision as precision_lib
 from lars_tf.config import TrainConfig
@@ -44,6 +44,7 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupPolynomia
         end_learning_rate=config.end_learning_rate,
         power=config.poly_power,
         backward_passes_per_step=k,
+        warmup_start_learning_rate=config.warmup_start_learning_rate,
     )
 
 
@@ -150,6 +151,8 @@ class Trainer:
                                                        name="lars_tf.rank_settings")
         if world.is_chief:
             _log_rank_settings(self.rank_settings)
+            if config.preset:
+                _log_preset(config)
 
         end_epoch = config.stop_after_epoch or config.epochs
         if world.is_chief:
@@ -288,6 +291,24 @@ def _num_classes(model: tf.keras.Model, input_shape) -> int:
 _IDENTITY_VARS = ("HOROVOD_GLOO_", "HOROVOD_HOSTNAME", "HOROVOD_RANK", "HOROVOD_SIZE",
                   "HOROVOD_LOCAL_", "HOROVOD_CROSS_", "HOROVOD_CONTROLLER",
                   "HOROVOD_CPU_OPERATIONS")
+
+
+def _log_preset(config: TrainConfig) -> None:
+    """Say which published preset the run started from and where it departs from it."""
+    preset = schedules.preset(config.preset)
+    changed = {k: (getattr(config, k), v) for k, v in preset.values.items()
+               if getattr(config, k) != v}
+    logging.info("preset %s (its source: lars_tf.schedules.PRESETS[%r].source); changed "
+                 "from it: %s", preset.name, preset.name,
+                 ", ".join(f"{k}={now!r} (preset {was!r})" for k, (now, was)
+                           in changed.items()) or "nothing")
+    tuned_for = {"dataset", "global_batch_size", "epochs", "train_examples"} & changed.keys()
+    if tuned_for:
+        logging.warning(
+            "preset %s was tuned for %s: with %s changed, its learning rate and warmup are "
+            "only a starting point", preset.name,
+            ", ".join(f"{k}={preset.values[k]}" for k in sorted(tuned_for)),
+            ", ".join(sorted(tuned_for)))
 
 
 def _log_rank_settings(ranks: list[dict]) -> None:

@@ -52,3 +52,49 @@ def test_scaling_rules():
         scale_learning_rate(0.1, 256, 8192, rule="cubic")
     with pytest.raises(ValueError, match="batch"):
         scale_learning_rate(0.1, 0, 8192)
+
+
+def test_warmup_can_start_above_zero():
+    s = WarmupPolynomialDecay(peak_learning_rate=32.0, warmup_steps=400, total_steps=4000,
+                              warmup_start_learning_rate=1.0)
+    assert float(s(0)) == pytest.approx(1.0)
+    assert float(s(200)) == pytest.approx(16.5)
+    assert float(s(400)) == pytest.approx(32.0)
+    assert s.get_config()["warmup_start_learning_rate"] == 1.0
+    with pytest.raises(ValueError, match="warmup_start_learning_rate"):
+        WarmupPolynomialDecay(peak_learning_rate=1.0, warmup_steps=1, total_steps=2,
+                              warmup_start_learning_rate=2.0)
+
+
+# (preset, warmup iterations and peak rate as the source solver files give them)
+@pytest.mark.parametrize("name, iterations, peak", [
+    ("alexnet_bn-8k", 600, 10.0), ("alexnet_bn-16k", 400, 24.0), ("alexnet_bn-32k", 400, 32.0),
+])
+def test_alexnet_presets_reproduce_the_source_warmup(name, iterations, peak):
+    from lars_tf import TrainConfig
+    from lars_tf.train import build_schedule
+
+    config = TrainConfig.from_preset(name)
+    assert config.preset == name and config.model == "alexnet_bn"
+    # one backward pass per update here: an epoch of ImageNet-1k in updates, remainder dropped
+    schedule = build_schedule(config, 1281167 // config.global_batch_size)
+    assert abs(schedule.warmup_steps - iterations) <= 0.01 * iterations
+    assert float(schedule(0)) == pytest.approx(1.0)
+    assert float(schedule(schedule.warmup_steps)) == pytest.approx(peak)
+
+
+def test_presets_are_valid_configs_and_flags_win():
+    from lars_tf import TrainConfig
+    from lars_tf.schedules import PRESETS
+
+    assert {"resnet50-8k", "resnet50-16k", "resnet50-32k"} <= set(PRESETS)
+    for name, p in PRESETS.items():
+        config = TrainConfig.from_preset(name)   # validates every field
+        assert config.global_batch_size == int(name.split("-")[1][:-1]) * 1024
+        assert p.source and p.differences
+    config = TrainConfig.from_preset("resnet50-32k", learning_rate=20.0, data_dir="/d")
+    assert (config.learning_rate, config.warmup_epochs, config.data_dir) == (20.0, 12, "/d")
+    with pytest.raises(ValueError, match="--preset='resnet50-1k'"):
+        TrainConfig.from_preset("resnet50-1k")
+    with pytest.raises(ValueError, match="--preset='nope'"):
+        TrainConfig(preset="nope")

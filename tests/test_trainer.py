@@ -94,6 +94,10 @@ def _cli(*flags):
     (["--stop_after_epoch=40", "--epochs=30"], "--stop_after_epoch=40"),
     (["--backward_passes_per_step=0"], "--backward_passes_per_step=0"),
     (["--data_dir=/nonexistent/fashion"], "--data_dir='/nonexistent/fashion'"),
+    (["--preset=resnet50-1k"], "--preset"),
+    (["--warmup_start_learning_rate=5", "--learning_rate=3"], "--warmup_start_learning_rate=5"),
+    # the preset's dataset needs a folder: it is checked like a flag given by hand
+    (["--preset=resnet50-32k"], "--dataset=imagenet needs --data_dir"),
 ])
 def test_bad_flags_stop_before_training(flags, message):
     proc = _cli(*flags)
@@ -120,3 +124,20 @@ def test_every_config_field_is_a_flag():
     flag_names = set(proc.stdout.split())
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert fields <= flag_names, fields - flag_names
+
+
+def test_a_preset_fills_the_flags_not_given(tmp_path):
+    # SHORT gives the model, batch, epochs, learning rate and warmup: those win; the
+    # preset brings the rest (warmup from 1.0, its epoch size); the chief says what changed
+    proc = _train(tmp_path, "--preset=alexnet_bn-8k", "--dataset=fashion_mnist")
+    config = json.loads((tmp_path / "summary.json").read_text())["config"]
+    assert config["preset"] == "alexnet_bn-8k"
+    assert (config["model"], config["global_batch_size"], config["learning_rate"]) == \
+        ("small_cnn", 4096, 3.0)
+    assert config["warmup_start_learning_rate"] == 1.0
+    assert config["train_examples"] == 1281167
+    assert "preset alexnet_bn-8k (its source: " in proc.stderr
+    assert "learning_rate=3.0 (preset 10.0)" in proc.stderr
+    assert "warmup_start_learning_rate" not in proc.stderr.split("changed from it:")[1] \
+        .splitlines()[0]
+    assert "its learning rate and warmup are only a starting point" in proc.stderr
