@@ -179,9 +179,9 @@ _ALEXNET_SOURCE = (
     "decay 5e-4, LARS eta 0.001, warmup from 1 over the given iterations, poly power 2.")
 _ALEXNET_DIFFERENCES = (
     "Caffe's poly decay counts from iteration 0 over the whole run, so right after warmup "
-    "its rate is peak x (1 - W/T)^2 (8% lower at 8K, 19% at 32K) where lars_tf's is the peak; its "
-    "LARS scales every parameter including biases and BatchNorm (lars_tf excludes them); "
-    "Intel Caffe also scales momentum during warmup.")
+    "its rate is peak x (1 - W/T)^2 (8% lower at 8K, 19% at 32K) where lars_tf's is the "
+    "peak; its LARS also scales and decays the biases (lars_tf excludes them); Intel Caffe "
+    "also scales momentum during warmup. The network is the same (models/alexnet.py).")
 
 
 def _resnet50(batch: int, peak: float, warmup_epochs: float) -> Preset:
