@@ -27,3 +27,18 @@ def lars_step(w, g, m, *, lr, momentum, wd, eta, eps, decay, adapt, mode="paper"
     m = momentum * m + lr * trust * u
     step = momentum * m + lr * trust * u if nesterov else m
     return w - step, m
+
+
+def tpu_poly_schedule(step, peak, warmup_epochs, batch, train_steps, examples=1281167,
+                      end=1e-4):
+    """The ResNet-50 LARS schedule of the code the resnet50-* presets come from (You's
+    lars_util.py), written from its description: linear in the epoch up to ``peak`` at
+    ``warmup_epochs``, then power-2 decay to ``end`` over ``train_steps - W + 1`` steps,
+    with ``W = warmup_epochs * examples // batch``."""
+    epoch = step * batch / examples
+    if epoch <= warmup_epochs:
+        return peak * epoch / warmup_epochs
+    w = warmup_epochs * examples // batch
+    length = train_steps - w + 1
+    done = min(max(1, step - w), length)
+    return (peak - end) * (1 - done / length) ** 2 + end
