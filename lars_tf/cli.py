@@ -26,6 +26,9 @@ flags.DEFINE_enum(
     "ImageNet'): sets the model, dataset, batch, epochs and every optimizer and schedule "
     "flag; a flag you give wins over the preset.")
 flags.DEFINE_string("model", _D.model, "Registered model name (lars_tf.models.names()).")
+flags.DEFINE_bool("zero_init_residual", _D.zero_init_residual,
+                  "resnet50: start each residual block's last BatchNorm gamma at 0, so that "
+                  "every block begins as the identity (the resnet50-* presets do).")
 flags.DEFINE_string(
     "dataset", _D.dataset,
     "fashion_mnist (the idx files), imagenet (train-*-of-*/validation-*-of-* TFRecord shards "
@@ -128,9 +131,7 @@ def _train(argv):
         check_model_dir(config)
         from lars_tf import data, models
 
-        if config.model not in models.names():
-            raise ValueError(f"--model={config.model!r}: unknown model; registered: "
-                             f"{', '.join(models.names())}")
+        models.check_options(config.model, zero_init_residual=config.zero_init_residual)
         data.check_name(config.dataset)
     except ValueError as e:
         logging.error("%s", e)

@@ -28,6 +28,7 @@ class TrainConfig:
     """
 
     model: str = "small_cnn"
+    zero_init_residual: bool = False
     dataset: str = "fashion_mnist"
     data_dir: str | None = None
     manual_dir: str | None = None

@@ -162,21 +162,22 @@ _RESNET50_SOURCE = (
     "models/official/resnet/lars_util.py at commit 18e82cb (2019-05-16), which cites "
     "Table 3 of arXiv:1901.08256 (You, Hseu, Ying, Demmel, Keutzer, Hsieh); 90 epochs "
     "(run.sh), momentum 0.9 and weight decay 1e-4 (configs/default.yaml), LARS eta 0.001, "
-    "warmup from 0, poly power 2 to 1e-4. The 16K and 32K values are also those of "
-    "tensorflow/tpu's lars_util.py.")
+    "warmup from 0, poly power 2 to 1e-4; its network (tensorflow/tpu's resnet_model.py) "
+    "starts each residual block's last BatchNorm gamma at 0. The 16K and 32K values are "
+    "also those of tensorflow/tpu's lars_util.py.")
 _RESNET50_DIFFERENCES = (
     "The source adds 1e-4 L2 to the loss (all but BatchNorm) and again as LARS weight decay "
     "on the LARS-scaled kernels; lars_tf applies --weight_decay once, inside LARS, not to "
     "biases and BatchNorm. It trains in bfloat16 on TPUs with Inception-style crops.")
 
 _ALEXNET_SOURCE = (
-    "The LARS authors' Caffe solvers for AlexNet-BN: NVIDIA/caffe "
-    "models/alexnet_bn/solver_{8K,16k,32k}.prototxt by B. Ginsburg (LARS co-author; 8K "
-    "448ad5b8, 16K baac945f, 32K b66e1ede, Aug-Sep 2017), and for 32K also intel/caffe "
-    "models/intel_optimized_models/multinode/alexnet_bn_64nodes/solver.prototxt (commit "
-    "59c0e69b 'implement lars from UC Berkeley', the Intel Caffe release 'ImageNet Training "
-    "in Minutes' names; its 32-node variant uses 33): 100 epochs, momentum 0.9, weight "
-    "decay 5e-4, LARS eta 0.001, warmup from 1 over the given iterations, poly power 2.")
+    "The LARS authors' Caffe solvers for AlexNet-BN: github.com/borisgin/nvcaffe (B. "
+    "Ginsburg's NVCaffe development fork; LARS co-author) "
+    "models/alexnet_bn/solver_{8K,16k,32k}.prototxt (8K at commit 448ad5b8, 16K baac945f, "
+    "32K 26d5fa3c), and for 32K also Intel Caffe's "
+    "models/intel_optimized_models/multinode/alexnet_bn_64nodes/solver.prototxt (the Intel "
+    "Caffe 'ImageNet Training in Minutes' names): 100 epochs, momentum 0.9, weight decay "
+    "5e-4, LARS eta 0.001, warmup from 1 over the given iterations, poly power 2.")
 _ALEXNET_DIFFERENCES = (
     "Caffe's poly decay counts from iteration 0 over the whole run, so right after warmup "
     "its rate is peak x (1 - W/T)^2 (8% lower at 8K, 19% at 32K) where lars_tf's is the "
@@ -188,7 +189,8 @@ def _resnet50(batch: int, peak: float, warmup_epochs: float) -> Preset:
     return Preset(
         name=f"resnet50-{batch // 1024}k",
         values=types.MappingProxyType(dict(
-            _IMAGENET, model="resnet50", global_batch_size=batch, epochs=90,
+            _IMAGENET, model="resnet50", zero_init_residual=True, global_batch_size=batch,
+            epochs=90,
             learning_rate=peak, warmup_epochs=warmup_epochs, warmup_start_learning_rate=0.0,
             end_learning_rate=1e-4, weight_decay=1e-4)),
         source=_RESNET50_SOURCE, differences=_RESNET50_DIFFERENCES)

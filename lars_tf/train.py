@@ -80,6 +80,15 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> tf.keras.optim
     )
 
 
+def build_model(config: TrainConfig, input_shape, num_classes: int) -> tf.keras.Model:
+    """The registered model ``config.model`` with the builder options the config asks for
+    (``zero_init_residual``); an option the model does not take is a ``ValueError``."""
+    options = {"zero_init_residual": config.zero_init_residual}
+    models.check_options(config.model, **options)
+    return models.get(config.model, input_shape, num_classes,
+                      **{k: v for k, v in options.items() if v})
+
+
 def build_loss(num_classes: int, label_smoothing: float = 0.0):
     """Cross-entropy on logits and integer labels, with optional label smoothing."""
     if not label_smoothing:
@@ -128,7 +137,10 @@ class Trainer:
         start_epoch = resume[0] if resume else 0
         datasets = self._datasets(train, eval, steps_per_epoch, start_epoch)
         if self.model is None:
-            self.model = models.get(config.model, datasets.input_shape, datasets.num_classes)
+            self.model = build_model(config, datasets.input_shape, datasets.num_classes)
+        elif config.zero_init_residual:
+            raise ValueError("--zero_init_residual applies to registered models (--model); "
+                             "build your own model with its residual BatchNorms started at 0")
         model = self.model
         num_classes = _num_classes(model, datasets.input_shape)
         optimizer = build_optimizer(config, datasets.steps_per_epoch)

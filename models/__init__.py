@@ -6,6 +6,7 @@ works with the trainer too; registering one makes it selectable by ``--model``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -30,11 +31,31 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(name: str, input_shape, num_classes: int, **kwargs) -> tf.keras.Model:
-    """Build model ``name``; an unknown name is a ``ValueError`` naming ``--model``."""
+def _builder(name: str) -> Builder:
     if name not in _REGISTRY:
         raise ValueError(f"--model={name!r}: unknown model; registered: {', '.join(names())}")
-    return _REGISTRY[name](tuple(input_shape), int(num_classes), **kwargs)
+    return _REGISTRY[name]
+
+
+def takes(name: str, option: str) -> bool:
+    """Whether model ``name``'s builder has the keyword ``option``."""
+    return option in inspect.signature(_builder(name)).parameters
+
+
+def check_options(name: str, **options) -> None:
+    """A ``ValueError`` naming the flag when model ``name`` does not take an option that is
+    asked for (set to a true value), e.g. ``--zero_init_residual`` for a model without
+    residual blocks; an unknown ``name`` is one naming ``--model``."""
+    for option, value in options.items():
+        if value and not takes(name, option):
+            able = ", ".join(n for n in names() if takes(n, option)) or "none"
+            raise ValueError(f"--{option}: --model={name} does not take it (models that do: "
+                             f"{able})")
+
+
+def get(name: str, input_shape, num_classes: int, **kwargs) -> tf.keras.Model:
+    """Build model ``name``; an unknown name is a ``ValueError`` naming ``--model``."""
+    return _builder(name)(tuple(input_shape), int(num_classes), **kwargs)
 
 
 from lars_tf.models import alexnet, resnet, small  # noqa: E402,F401  (registers the models)

@@ -1,8 +1,9 @@
 """AlexNet-BN as the LARS authors trained it at 8K-32K batch (You, Gitman, Ginsburg 2017;
 You et al., "ImageNet Training in Minutes").
 
-The layers of their Caffe net (NVIDIA/caffe ``models/alexnet_bn/train_val2.prototxt``, the
-same in Intel Caffe's ``alexnet_bn_*nodes/train_val2.prototxt``): AlexNet's two towers as
+The layers of their Caffe net (``models/alexnet_bn/train_val2.prototxt`` in B. Ginsburg's
+NVCaffe fork, github.com/borisgin/nvcaffe; the same in Intel Caffe's
+``alexnet_bn_*nodes/train_val2.prototxt``): AlexNet's two towers as
 grouped convolutions (conv2, conv4 and conv5 in 2 groups), LRN replaced by BatchNorm without
 scale or shift in front of conv2-conv5, a bias on every conv and dense layer, dropout 0.5
 after fc6 and fc7. One change: conv1 pads 'same' on 224x224 inputs where Caffe crops 227

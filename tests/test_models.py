@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lars_tf import LARS, models
+from lars_tf import LARS, TrainConfig, models
 
 
 def _trainable(model):
@@ -55,9 +55,29 @@ def test_one_training_step_on_synthetic_data(name):
     assert sum(moved) >= 0.9 * len(moved)
 
 
+def _last_gammas(model):
+    return [v.numpy() for v in model.trainable_variables if "_3_bn/gamma" in v.name]
+
+
 def test_zero_init_residual_and_unknown_model():
     model = models.get("resnet50", (64, 64, 3), 10, zero_init_residual=True)
-    last = [v for v in model.trainable_variables if "_3_bn/gamma" in v.name]
-    assert len(last) == 16 and all(not v.numpy().any() for v in last)
+    assert len(_last_gammas(model)) == 16 and not any(g.any() for g in _last_gammas(model))
     with pytest.raises(ValueError, match="--model='resnet51'"):
         models.get("resnet51", (32, 32, 3), 10)
+    with pytest.raises(ValueError, match="--model='resnet51'"):
+        models.check_options("resnet51", zero_init_residual=True)
+
+
+def test_zero_init_residual_from_the_config():
+    from lars_tf.train import build_model
+
+    # the resnet50 presets ask for it, as their source network does; the default does not
+    preset = build_model(TrainConfig.from_preset("resnet50-8k"), (64, 64, 3), 10)
+    assert len(_last_gammas(preset)) == 16 and not any(g.any() for g in _last_gammas(preset))
+    plain = build_model(TrainConfig(model="resnet50"), (64, 64, 3), 10)
+    assert all((g == 1).all() for g in _last_gammas(plain))
+    # a model without residual blocks refuses it, naming the flag and the models that take it
+    models.check_options("small_cnn", zero_init_residual=False)
+    with pytest.raises(ValueError, match=r"--zero_init_residual: --model=small_cnn does not "
+                                         r"take it \(models that do: resnet50\)"):
+        build_model(TrainConfig(zero_init_residual=True), (28, 28, 1), 10)

@@ -95,6 +95,7 @@ def _cli(*flags):
     (["--backward_passes_per_step=0"], "--backward_passes_per_step=0"),
     (["--data_dir=/nonexistent/fashion"], "--data_dir='/nonexistent/fashion'"),
     (["--preset=resnet50-1k"], "--preset"),
+    (["--zero_init_residual"], "--zero_init_residual: --model=small_cnn does not take it"),
     (["--warmup_start_learning_rate=5", "--learning_rate=3"], "--warmup_start_learning_rate=5"),
     # the preset's dataset needs a folder: it is checked like a flag given by hand
     (["--preset=resnet50-32k"], "--dataset=imagenet needs --data_dir"),
