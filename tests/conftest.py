@@ -33,14 +33,15 @@ def launcher(kind: str, np_: int = 2) -> list[str]:
     raise ValueError(kind)
 
 
-def run_job(cmd: list[str], timeout: float = 300, check: bool = True,
+def run_job(cmd: list[str], timeout: float = 300, check: bool = True, cwd=ROOT,
             **env) -> subprocess.CompletedProcess:
-    """Run a job to completion; fail the test with its output if it fails or hangs.
+    """Run a job to completion (in ``cwd``, the repository by default); fail the test with
+    its output if it fails or hangs.
 
     The job runs in its own process group, and all of it is killed on timeout, so that no
     rank outlives its test.
     """
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(**env), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=job_env(**env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)

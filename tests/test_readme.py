@@ -1,0 +1,28 @@
+"""The README's examples run as printed: a user copies them, so they must work."""
+
+import json
+import re
+
+from tests.conftest import ROOT, launcher, run_job
+
+
+def _python_block(first_line: str) -> str:
+    """The README's python code block that starts with ``first_line``."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    found = [b for b in blocks if b.startswith(first_line)]
+    assert len(found) == 1, f"README has {len(found)} python blocks starting {first_line!r}"
+    return found[0]
+
+
+def test_the_python_api_example_trains_a_custom_model_on_2_ranks(tmp_path):
+    # in a folder of its own, as a user's script: it writes runs/mine/ where it runs
+    script = tmp_path / "my_train.py"
+    script.write_text(_python_block("# my_train.py"))
+    run_job(launcher("gloo") + ["python", str(script)], cwd=tmp_path)
+    summary = json.loads((tmp_path / "runs" / "mine" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs_done"] == summary["epochs"] == 5
+    assert summary["global_batch_size"] == 1024
+    # trained: Fashion-MNIST's 10 classes start at 10%
+    assert summary["final_test_accuracy"] > 0.8
+    assert len(summary["history"]) == 5
+    assert (tmp_path / "runs" / "mine" / "checkpoints" / "epoch-000005").is_dir()
