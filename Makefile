@@ -30,6 +30,7 @@ bench: setup
 	python -m pip install -q --no-deps -c constraints.txt tf-models-official
 	python -m pip install -q -c constraints.txt matplotlib
 	python benchmarks/lars_overhead.py
+	python benchmarks/onednn.py
 	python benchmarks/input_pipeline.py
 	python benchmarks/allreduce.py
 	python benchmarks/scaling.py

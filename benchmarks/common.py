@@ -18,8 +18,15 @@ def machine_line() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
-            m = re.search(r"model name\s*:\s*(.+)", f.read())
-            cpu = m.group(1).strip() if m else cpu
+            info = f.read()
+        m = re.search(r"model name\s*:\s*(.+)", info)
+        cpu = m.group(1).strip() if m else cpu
+        m = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+        cpu_flags = set(m.group(1).split()) if m else set()
+        # the vector units decide TensorFlow's CPU kernels (and its oneDNN default)
+        vector = [name for flag, name in (("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"),
+                                          ("avx2", "AVX2")) if flag in cpu_flags][:1]
+        cpu = ", ".join([cpu, *vector])
     except OSError:
         pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30

@@ -327,10 +327,13 @@ def _log_rank_settings(ranks: list[dict]) -> None:
     """One line with the settings rank 0 runs with; a warning for any that differ by rank."""
     first = ranks[0]
     tuning = {k: v for k, v in first["env"].items() if not k.startswith(_IDENTITY_VARS)}
-    logging.info("rank 0 on %s: %d intra-op / %d inter-op threads, cores %s, %s",
+    logging.info("rank 0 on %s: %d intra-op / %d inter-op threads, oneDNN %s, cores %s, %s",
                  first["host"], first["intra_op_threads"], first["inter_op_threads"],
-                 first["cpu_affinity"],
+                 "on" if first["onednn"] else "off", first["cpu_affinity"],
                  " ".join(f"{k}={v}" for k, v in tuning.items()) or "no HOROVOD_* settings")
+    if len({r["onednn"] for r in ranks}) > 1:
+        logging.warning("oneDNN is on for some ranks only: %s",
+                        [r["onednn"] for r in ranks])
     keys = set().union(*(r["env"] for r in ranks))
     for key in sorted(k for k in keys if not k.startswith(_IDENTITY_VARS)):
         values = [r["env"].get(key) for r in ranks]

@@ -11,6 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
+# lars_tf's default, for this process and every job it starts, whatever imports TensorFlow
+# first (the workers do: our imports put first-party lars_tf last).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
 
 def job_env(**extra) -> dict:
     env = dict(os.environ)

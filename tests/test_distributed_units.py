@@ -24,3 +24,47 @@ def test_a_bound_rank_uses_exactly_its_cores(cpus, bound, ranks, want):
     """mpirun --bind-to core / srun --cpu-bind already split the node: a rank bound to 16 of
     64 cores runs 16 threads, whatever the number of ranks on the node."""
     assert distributed.threads_per_rank(ranks, cpu_count=cpus, affinity=bound) == want
+
+
+_ONEDNN = """
+import os, sys
+if sys.argv[1] != "lars_tf-first":
+    import tensorflow
+    if sys.argv[1] == "tf-alone":
+        from tensorflow.python.util import _pywrap_util_port
+        print("RESULT", _pywrap_util_port.IsMklEnabled())
+        sys.exit()
+import lars_tf
+from lars_tf import distributed
+lars_tf.init()
+print("RESULT", os.environ.get("TF_ENABLE_ONEDNN_OPTS"), distributed.onednn_enabled())
+"""
+
+
+def _onednn(order: str, env: str | None) -> tuple[str, str]:
+    import subprocess
+    import sys
+
+    from tests.conftest import job_env
+
+    environ = {k: v for k, v in job_env().items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if env is not None:
+        environ["TF_ENABLE_ONEDNN_OPTS"] = env
+    proc = subprocess.run([sys.executable, "-c", _ONEDNN, order], env=environ, text=True,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [result] = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    return result, proc.stderr
+
+
+def test_onednn_is_on_unless_the_user_said_no():
+    # TensorFlow alone turns oneDNN on only on CPUs with AVX-512 VNNI or newer
+    tf_default, _ = _onednn("tf-alone", None)
+    tf_default = tf_default.split()[1]
+    # lars_tf imported first turns it on, never over the user's choice
+    assert _onednn("lars_tf-first", None)[0] == "RESULT 1 True"
+    assert _onednn("lars_tf-first", "0")[0] == "RESULT 0 False"
+    # imported after TensorFlow it is too late: lars_tf changes nothing and says so if off
+    result, stderr = _onednn("tf-first", None)
+    assert result == f"RESULT None {tf_default}"
+    assert ("oneDNN CPU kernels are off" in stderr) == (tf_default == "False")

@@ -1,0 +1,114 @@
+"""Training steps with TensorFlow's oneDNN CPU kernels off (TensorFlow's default on CPUs
+without AVX-512 VNNI) and on (lars_tf's default), side by side in one run.
+
+    python benchmarks/onednn.py [--rounds 3] [--nowrite]
+
+TensorFlow reads TF_ENABLE_ONEDNN_OPTS when it loads, so every measurement is a fresh
+process; within a round the two settings run back to back, in alternating order, and the
+ratio is the median of the per-round ratios. Each process trains the model with lars_tf.LARS
+on random images (one process using all cores: the kernels, not Horovod, are measured).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+
+# (model, input shape, batch, timed steps)
+MODELS = (("small_cnn", (28, 28, 1), 1024, 10), ("resnet50", (224, 224, 3), 16, 3))
+
+flags.DEFINE_integer("rounds", 3, "Rounds; each runs every model with oneDNN off and on.")
+flags.DEFINE_bool("write", True, "Write the table to benchmarks/RESULTS.md.")
+flags.DEFINE_string("child", None, "Internal: measure this model in this process.")
+FLAGS = flags.FLAGS
+
+
+def measure(name: str) -> dict:
+    """Images/sec of ``name``'s training step in this process (TF loads here)."""
+    import tensorflow as tf
+    from tensorflow.python.util import _pywrap_util_port
+
+    import lars_tf
+    from lars_tf import models
+
+    _, shape, batch, steps = next(m for m in MODELS if m[0] == name)
+    tf.keras.utils.set_random_seed(0)
+    model = models.get(name, shape, 10)
+    model.compile(optimizer=lars_tf.LARS(learning_rate=0.1, weight_decay=5e-5),
+                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = tf.random.normal((batch, *shape))
+    y = tf.random.uniform((batch,), 0, 10, tf.int32)
+    for _ in range(2):  # trace and warm up
+        model.train_on_batch(x, y)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model.train_on_batch(x, y)
+    return {"images_per_sec": steps * batch / (time.perf_counter() - t0),
+            "onednn": bool(_pywrap_util_port.IsMklEnabled()),
+            "peak_rss_mb": common.peak_rss_mb()}
+
+
+def run_child(name: str, onednn: str) -> dict:
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn}
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={name}"],
+                         env=env, check=True, capture_output=True, text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    if result["onednn"] != (onednn == "1"):
+        raise SystemExit(f"TF_ENABLE_ONEDNN_OPTS={onednn} but oneDNN on = {result['onednn']}")
+    return result
+
+
+def main(argv):
+    del argv
+    if FLAGS.child:
+        print(json.dumps(measure(FLAGS.child)))
+        return
+    t_start = time.time()
+    results = {name: {"0": [], "1": []} for name, *_ in MODELS}
+    for r in range(FLAGS.rounds):
+        for name, *_ in MODELS:
+            for setting in (("0", "1") if r % 2 == 0 else ("1", "0")):
+                results[name][setting].append(run_child(name, setting))
+                print(f"round {r + 1} {name} oneDNN={setting}: "
+                      f"{results[name][setting][-1]['images_per_sec']:.1f} images/sec",
+                      flush=True)
+
+    rows = ["| model (batch) | oneDNN off: images/sec | oneDNN on: images/sec | on vs off "
+            "(median of per-round ratios) | peak RSS off / on (MB) |", "|---|---|---|---|---|"]
+    ratios = {}
+    for name, _, batch, _ in MODELS:
+        off, on = results[name]["0"], results[name]["1"]
+        ratios[name] = statistics.median(b["images_per_sec"] / a["images_per_sec"]
+                                         for a, b in zip(off, on))
+        rows.append(
+            f"| {name} ({batch}) | {statistics.median(x['images_per_sec'] for x in off):.1f} | "
+            f"{statistics.median(x['images_per_sec'] for x in on):.1f} | "
+            f"{ratios[name]:.2f}x | {max(x['peak_rss_mb'] for x in off):.0f} / "
+            f"{max(x['peak_rss_mb'] for x in on):.0f} |")
+    common.report(
+        "onednn", "oneDNN CPU kernels (`benchmarks/onednn.py`)",
+        "Training steps (forward, backward, lars_tf.LARS update) on random images, one "
+        "process using all cores, each measurement a fresh process with TF_ENABLE_ONEDNN_OPTS "
+        f"set (the settings alternate within each of {FLAGS.rounds} rounds). The whole run "
+        f"took {(time.time() - t_start) / 60:.1f} min.",
+        rows,
+        "With oneDNN on: " + ", ".join(f"{name} {ratios[name]:.2f}x" for name in ratios)
+        + " the images/sec of oneDNN off. TensorFlow 2.15 turns oneDNN on by itself only on "
+        "CPUs with AVX-512 VNNI or newer; lars_tf turns it on when imported before "
+        "TensorFlow.",
+        FLAGS.write)
+
+
+if __name__ == "__main__":
+    app.run(main)
