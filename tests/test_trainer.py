@@ -128,9 +128,9 @@ def test_every_config_field_is_a_flag():
 
 
 def test_a_preset_fills_the_flags_not_given(tmp_path):
-    # SHORT gives the model, batch, epochs, learning rate and warmup: those win; the
+    # SHORT (and --epochs=1) give the model, batch, epochs, learning rate and warmup: those win; the
     # preset brings the rest (warmup from 1.0, its epoch size); the chief says what changed
-    proc = _train(tmp_path, "--preset=alexnet_bn-8k", "--dataset=fashion_mnist")
+    proc = _train(tmp_path, "--preset=alexnet_bn-8k", "--dataset=fashion_mnist", "--epochs=1")
     config = json.loads((tmp_path / "summary.json").read_text())["config"]
     assert config["preset"] == "alexnet_bn-8k"
     assert (config["model"], config["global_batch_size"], config["learning_rate"]) == \
