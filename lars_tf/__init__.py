@@ -4,8 +4,8 @@ import os as _os
 import sys as _sys
 
 # oneDNN's CPU kernels. TensorFlow turns them on by itself only on CPUs with AVX-512 VNNI or
-# newer; on an AVX2 CPU they trained small_cnn 3.3x and ResNet-50 1.3x faster (README, "CPU
-# performance"). TensorFlow reads the variable when it loads, so lars_tf sets it only before
+# newer; on an AVX2 CPU they train about twice as fast (benchmarks/onednn.py; README, "oneDNN
+# on CPUs"). TensorFlow reads the variable when it loads, so lars_tf sets it only before
 # that, and never over a value the user gave (TF_ENABLE_ONEDNN_OPTS=0 turns them off).
 if "tensorflow" not in _sys.modules:
     _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")

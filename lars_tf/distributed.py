@@ -77,8 +77,8 @@ def init(intra_op_threads: int | None = None, inter_op_threads: int | None = Non
         logging.warning(
             "TensorFlow's oneDNN CPU kernels are off: TensorFlow was imported before lars_tf, "
             "so lars_tf could not turn them on. Import lars_tf first, or set "
-            "TF_ENABLE_ONEDNN_OPTS=1 (2-3x faster CPU training on AVX2 CPUs; README, \"CPU "
-            "performance\").")
+            "TF_ENABLE_ONEDNN_OPTS=1 (about 2x faster CPU training on AVX2 CPUs; README, "
+            "\"oneDNN on CPUs\").")
     threads = intra_op_threads or threads_per_rank(world.local_size)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads or max(2, threads))

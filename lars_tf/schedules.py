@@ -190,9 +190,8 @@ def _resnet50(batch: int, peak: float, warmup_epochs: float) -> Preset:
         name=f"resnet50-{batch // 1024}k",
         values=types.MappingProxyType(dict(
             _IMAGENET, model="resnet50", zero_init_residual=True, global_batch_size=batch,
-            epochs=90,
-            learning_rate=peak, warmup_epochs=warmup_epochs, warmup_start_learning_rate=0.0,
-            end_learning_rate=1e-4, weight_decay=1e-4)),
+            epochs=90, learning_rate=peak, warmup_epochs=warmup_epochs,
+            warmup_start_learning_rate=0.0, end_learning_rate=1e-4, weight_decay=1e-4)),
         source=_RESNET50_SOURCE, differences=_RESNET50_DIFFERENCES)
 
 
