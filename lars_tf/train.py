@@ -118,6 +118,9 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, model: tf.keras.Model | None = None):
+        if model is not None and config.zero_init_residual:
+            raise ValueError("--zero_init_residual applies to registered models (--model); "
+                             "build your own model with its residual BatchNorms started at 0")
         self.config = config
         self.world = distributed.init(config.intra_op_threads or None,
                                       config.inter_op_threads or None)
@@ -138,9 +141,6 @@ class Trainer:
         datasets = self._datasets(train, eval, steps_per_epoch, start_epoch)
         if self.model is None:
             self.model = build_model(config, datasets.input_shape, datasets.num_classes)
-        elif config.zero_init_residual:
-            raise ValueError("--zero_init_residual applies to registered models (--model); "
-                             "build your own model with its residual BatchNorms started at 0")
         model = self.model
         num_classes = _num_classes(model, datasets.input_shape)
         optimizer = build_optimizer(config, datasets.steps_per_epoch)

@@ -46,6 +46,7 @@ def check_options(name: str, **options) -> None:
     """A ``ValueError`` naming the flag when model ``name`` does not take an option that is
     asked for (set to a true value), e.g. ``--zero_init_residual`` for a model without
     residual blocks; an unknown ``name`` is one naming ``--model``."""
+    _builder(name)
     for option, value in options.items():
         if value and not takes(name, option):
             able = ", ".join(n for n in names() if takes(n, option)) or "none"

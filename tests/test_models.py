@@ -64,8 +64,9 @@ def test_zero_init_residual_and_unknown_model():
     assert len(_last_gammas(model)) == 16 and not any(g.any() for g in _last_gammas(model))
     with pytest.raises(ValueError, match="--model='resnet51'"):
         models.get("resnet51", (32, 32, 3), 10)
-    with pytest.raises(ValueError, match="--model='resnet51'"):
-        models.check_options("resnet51", zero_init_residual=True)
+    for asked in (True, False):  # an unknown model is named whatever the options
+        with pytest.raises(ValueError, match="--model='resnet51'"):
+            models.check_options("resnet51", zero_init_residual=asked)
 
 
 def test_zero_init_residual_from_the_config():
@@ -81,3 +82,8 @@ def test_zero_init_residual_from_the_config():
     with pytest.raises(ValueError, match=r"--zero_init_residual: --model=small_cnn does not "
                                          r"take it \(models that do: resnet50\)"):
         build_model(TrainConfig(zero_init_residual=True), (28, 28, 1), 10)
+    # nor can it be asked of a model the user built (refused before Horovod starts)
+    from lars_tf.train import Trainer
+
+    with pytest.raises(ValueError, match="--zero_init_residual applies to registered models"):
+        Trainer(TrainConfig(zero_init_residual=True), model=plain)
