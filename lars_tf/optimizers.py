@@ -13,6 +13,7 @@ import tensorflow as tf
 DEFAULT_EXCLUDE: tuple[str, ...] = (r"(^|/)bias(:\d+)?$", r"(^|/)(gamma|beta)(:\d+)?$")
 
 TRUST_RATIO_MODES = ("paper", "decayed_gradient")
+_CLIPPING = ("clipnorm", "clipvalue", "global_clipnorm")
 
 
 @tf.keras.utils.register_keras_serializable(package="lars_tf")
@@ -35,7 +36,8 @@ class LARS(tf.keras.optimizers.Optimizer):
         w     &\leftarrow w - m
         \quad \text{(nesterov: } w \leftarrow w - (\mu m + lr \cdot trust \cdot u))
 
-    ``trust`` is 1 when ``||w||`` or ``||g||`` is 0 (fresh zero-initialised layers, or a layer
+    ``trust`` is 1 when ``||w||`` or the denominator's gradient norm (``||g||``, or
+    ``||g + wd w||`` in ``decayed_gradient`` mode) is 0 (fresh zero-initialised layers, or a layer
     with no gradient signal), so such a layer moves at the global rate instead of not at all
     or by an infinite step.
 
@@ -75,8 +77,10 @@ class LARS(tf.keras.optimizers.Optimizer):
         exclude_from_layer_adaptation: regexes on variable names that get ``trust = 1``.
         trust_ratio_mode: ``"paper"`` or ``"decayed_gradient"`` (see above).
         name: optimizer name.
-        **kwargs: passed to ``tf.keras.optimizers.Optimizer`` (``clipnorm``, ``use_ema``,
+        **kwargs: passed to ``tf.keras.optimizers.Optimizer`` (``use_ema``,
             ``jit_compile``, ...); ``weight_decay`` there is replaced by this class's own.
+            ``clipnorm``, ``clipvalue`` and ``global_clipnorm`` are refused: the trust
+            ratio rescales the clipped gradient back, so clipping cannot bound a LARS step.
     """
 
     def __init__(
@@ -95,6 +99,14 @@ class LARS(tf.keras.optimizers.Optimizer):
     ):
         kwargs.pop("is_legacy_optimizer", None)
         kwargs.pop("weight_decay", None)
+        clipping = sorted(k for k in _CLIPPING if kwargs.get(k) is not None)
+        if clipping:
+            raise ValueError(
+                f"LARS: {', '.join(clipping)} cannot bound a LARS step, so it is refused: the "
+                "trust ratio rescales every layer's update to trust_coefficient * lr * "
+                "||w|| whatever the gradient's size, which undoes any clipping before it. "
+                "LARS already bounds each layer's step relative to its weights; lower "
+                "trust_coefficient or the learning rate for smaller steps")
         _check_number("momentum", momentum, lo=0.0, hi=1.0, hi_open=True)
         _check_number("weight_decay", weight_decay, lo=0.0)
         _check_number("trust_coefficient", trust_coefficient, lo=0.0, lo_open=True)
@@ -123,12 +135,27 @@ class LARS(tf.keras.optimizers.Optimizer):
         self.exclude_from_layer_adaptation_patterns = _compile(
             "exclude_from_layer_adaptation", exclude_from_layer_adaptation)
         self.trust_ratio_mode = trust_ratio_mode
+        self._excluded_keys: set[str] = set()
 
     # -- which variables get what -------------------------------------------------------
     def uses_weight_decay(self, variable: tf.Variable) -> bool:
         """True when ``variable`` is decayed (``weight_decay > 0`` and its name is not excluded)."""
-        return self.lars_weight_decay > 0 and not _matches(
-            self.exclude_from_weight_decay_patterns, variable.name)
+        return (self.lars_weight_decay > 0
+                and self._var_key(variable) not in self._excluded_keys
+                and not _matches(self.exclude_from_weight_decay_patterns, variable.name))
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None) -> None:
+        """Keras' method, honoured: the variables in ``var_list``, and those whose name
+        contains one of the strings ``var_names``, get ``wd = 0`` (on top of the
+        ``exclude_from_weight_decay`` regexes). Call it before the optimizer is built."""
+        if getattr(self, "_built", False):
+            raise ValueError("LARS.exclude_from_weight_decay() must be called before the "
+                             "optimizer is built (before its first apply_gradients)")
+        if isinstance(var_names, str):
+            var_names = [var_names]
+        self.exclude_from_weight_decay_patterns += tuple(
+            re.compile(re.escape(n)) for n in (var_names or ()))
+        self._excluded_keys |= {self._var_key(v) for v in (var_list or ())}
 
     def uses_layer_adaptation(self, variable: tf.Variable) -> bool:
         """True when ``variable``'s step is scaled by its trust ratio."""
@@ -187,7 +214,11 @@ class LARS(tf.keras.optimizers.Optimizer):
         else:
             denom = _norm32(update) if decay else g_norm
         ratio = self.trust_coefficient * w_norm / (denom + self.epsilon)
-        ok = tf.logical_and(w_norm > 0.0, g_norm > 0.0)
+        # The guard tests the gradient norm the rule is built on: ||g|| in paper mode (as
+        # the paper's Algorithm 1), the decayed gradient's in decayed_gradient mode (as Model
+        # Garden and optax), where a zero g of a decayed variable still moves by wd * w.
+        guard = g_norm if self.trust_ratio_mode == "paper" else denom
+        ok = tf.logical_and(w_norm > 0.0, guard > 0.0)
         return tf.where(ok, ratio, tf.ones_like(ratio))
 
     def get_config(self):
@@ -208,6 +239,12 @@ class LARS(tf.keras.optimizers.Optimizer):
             }
         )
         return config
+
+
+# A saved model names LARS "lars_tf>LARS" (.keras), or plainly "LARS" (.h5, and inside
+# Horovod's DistributedOptimizer, a subclass of that name): both load with
+# tf.keras.models.load_model(path) once lars_tf is imported, without custom_objects.
+tf.keras.utils.get_custom_objects().setdefault("LARS", LARS)
 
 
 def _norm32(x: tf.Tensor) -> tf.Tensor:

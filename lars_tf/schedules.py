@@ -106,6 +106,10 @@ class WarmupPolynomialDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
+# .h5 files name it plainly (see lars_tf.optimizers): loadable after `import lars_tf`.
+tf.keras.utils.get_custom_objects().setdefault("WarmupPolynomialDecay", WarmupPolynomialDecay)
+
+
 def scale_learning_rate(
     reference_learning_rate: float,
     reference_batch_size: int,

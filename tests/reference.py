@@ -22,7 +22,8 @@ def lars_step(w, g, m, *, lr, momentum, wd, eta, eps, decay, adapt, mode="paper"
     if adapt:
         wn, gn = np.linalg.norm(w), np.linalg.norm(g)
         denom = gn + wd * wn if mode == "paper" else np.linalg.norm(u)
-        if wn > 0 and gn > 0:
+        # the gradient norm the rule is built on must be non-zero (else trust = 1)
+        if wn > 0 and (gn if mode == "paper" else np.linalg.norm(u)) > 0:
             trust = eta * wn / (denom + eps)
     m = momentum * m + lr * trust * u
     step = momentum * m + lr * trust * u if nesterov else m

@@ -176,3 +176,71 @@ def test_fit_with_and_without_jit_compile(jit):
     first = model.evaluate(x, y, verbose=0)
     model.fit(x, y, epochs=20, batch_size=16, verbose=0)
     assert model.evaluate(x, y, verbose=0) < 0.5 * first
+
+
+def _one_step(opt, values):
+    variables = [tf.Variable(v, name=n) for n, v in values.items()]
+    opt.apply_gradients([(tf.ones_like(v), v) for v in variables])
+    return {v.name.split(":")[0]: v.numpy() for v in variables}
+
+
+def test_keras_exclude_from_weight_decay_is_honoured():
+    """Keras' own ``exclude_from_weight_decay(var_names=...)`` was silently ignored."""
+    values = {"dense/kernel": np.full((3, 2), 2.0, np.float32),
+              "emb/embeddings": np.full((4, 2), 2.0, np.float32)}
+    kw = dict(learning_rate=0.5, momentum=0.0, weight_decay=0.1,
+              exclude_from_layer_adaptation=(".*",))
+    decayed = _one_step(LARS(**kw), values)
+    by_name = LARS(**kw)
+    by_name.exclude_from_weight_decay(var_names=["emb"])
+    named = _one_step(by_name, values)
+    # no decay on the excluded variable: w - lr * g; the other one keeps lr * wd * w
+    np.testing.assert_allclose(named["emb/embeddings"], 2.0 - 0.5, rtol=1e-6)
+    np.testing.assert_allclose(named["dense/kernel"], decayed["dense/kernel"], rtol=1e-6)
+    np.testing.assert_allclose(decayed["emb/embeddings"], 2.0 - 0.5 * (1 + 0.1 * 2.0),
+                               rtol=1e-6)
+    by_var = LARS(**kw)
+    v = tf.Variable(values["dense/kernel"], name="dense/kernel")
+    by_var.exclude_from_weight_decay(var_list=[v])
+    by_var.apply_gradients([(tf.ones_like(v), v)])
+    np.testing.assert_allclose(v.numpy(), 2.0 - 0.5, rtol=1e-6)
+    with pytest.raises(ValueError, match="before the optimizer is built"):
+        by_var.exclude_from_weight_decay(var_names=["dense"])
+
+
+@pytest.mark.parametrize("arg", ["clipnorm", "global_clipnorm", "clipvalue"])
+def test_gradient_clipping_is_refused_with_the_reason(arg):
+    with pytest.raises(ValueError, match=f"{arg} cannot bound a LARS step.*trust ratio"):
+        LARS(learning_rate=0.1, **{arg: 1.0})
+
+
+def test_decayed_gradient_guard_tests_the_decayed_gradient():
+    """A zero gradient of a decayed variable: the decayed gradient ``wd * w`` is not zero,
+    so its trust ratio is ``eta ||w|| / ||wd w||`` (as Model Garden and optax), not 1."""
+    w0 = np.array([3.0, 4.0], np.float32)
+    opt = LARS(learning_rate=1.0, momentum=0.0, weight_decay=0.01, trust_coefficient=0.001,
+               trust_ratio_mode="decayed_gradient")
+    w = tf.Variable(w0, name="dense/kernel")
+    opt.apply_gradients([(tf.zeros(2), w)])
+    trust = 0.001 / 0.01  # eta ||w|| / (wd ||w||)
+    np.testing.assert_allclose(w.numpy(), w0 - trust * 0.01 * w0, rtol=1e-6)
+    # paper mode keeps the paper's guard: ||g|| = 0 gives trust = 1
+    opt = LARS(learning_rate=1.0, momentum=0.0, weight_decay=0.01, trust_coefficient=0.001)
+    w = tf.Variable(w0, name="dense/kernel")
+    opt.apply_gradients([(tf.zeros(2), w)])
+    np.testing.assert_allclose(w.numpy(), w0 - 0.01 * w0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "horovod"])
+def test_saved_models_load_without_custom_objects(wrap, tmp_path):
+    """A model compiled with LARS and the schedule (alone, or inside Horovod's
+    DistributedOptimizer) and saved as .keras or .h5 loads with
+    ``tf.keras.models.load_model(path)`` after ``import lars_tf``, in a fresh process."""
+    from tests.conftest import run_job
+
+    run_job(["python", "tests/workers/save_load.py", "save", str(tmp_path), wrap],
+            timeout=120)
+    for fmt in ("keras", "h5"):
+        out = run_job(["python", "tests/workers/save_load.py", "load",
+                       str(tmp_path / f"model.{fmt}")], timeout=120).stdout
+        assert "loaded lars_tf.optimizers 2" in out, (fmt, out)
