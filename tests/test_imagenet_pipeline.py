@@ -6,6 +6,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -71,6 +72,9 @@ def test_convert_report_and_schema(shards):
     assert report["classes"] == ["class_0", "class_1", "class_2"]
     skipped = sorted(os.path.basename(s["file"]) for s in report["skipped"])
     assert skipped == ["noise.jpg", "truncated.jpg"]
+    # the decoder's own words, without TensorFlow's internal op prefix
+    assert all(s["error"] and "{{function_node" not in s["error"] and "[Op:" not in s["error"]
+               for s in report["skipped"]), report["skipped"]
     assert sorted(os.path.basename(f) for f in report["reencoded"]) == [
         "astronaut.png", "chelsea.png", "coffee.png"]
     assert report["written"] == 3 * PER_CLASS + 6
@@ -193,12 +197,13 @@ def test_truncated_record_file_is_read_to_the_damage_named_and_counted(shards, t
     n = sum(len(y) for _, y in d.eval)
     assert 0 < n < good
     err = capfd.readouterr().err
-    assert "truncated or corrupt TFRecord file" in err
-    assert "validation-00000-of-00001" in err
+    assert re.search(r"damaged or truncated TFRecord file \S*validation-00000-of-00001\S* at "
+                     r"byte offset \d+", err), err
     assert int(d.skipped.numpy()) == 1
     # the complete training shards are not reported
     assert all(f"train-0000{i}" not in err for i in range(4))
-    with pytest.raises(tf.errors.DataLossError, match="truncated record"):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"truncated TFRecord file \S*validation-00000-of-00001\S* at byte"):
         for _ in data_lib.build(_config(tmp_path, strict_data=True), 0, 1).eval:
             pass
 
@@ -243,3 +248,206 @@ def test_two_rank_training_run_on_converted_shards(shards, tmp_path):
     assert summary["steps_per_epoch"] == (3 * PER_CLASS + 6) // 2 // 16
     assert summary["final_test_accuracy"] is not None
     assert glob.glob(str(tmp_path / "checkpoints" / "epoch-000002"))
+
+
+# --- correctness at scale: partitions, per-rank randomness, labels, damaged shards --------
+
+def _id_shards(root, files, records=24, photo="chelsea.png"):
+    """``files`` train shards (and one validation shard) of one real photo, whose label is
+    the record's id 0..records-1, spread over the files round-robin."""
+    root.mkdir(exist_ok=True)
+    image = tf.io.decode_image(open(_photos()[photo], "rb").read(), channels=3)
+    jpeg = tf.io.encode_jpeg(tf.image.resize(image, [96, 128]).numpy().astype(np.uint8),
+                             quality=90).numpy()
+    for f in range(files):
+        _write_shard(root / f"train-{f:05d}-of-{files:05d}",
+                     [(jpeg, i) for i in range(f, records, files)])
+    _write_shard(root / "validation-00000-of-00001", [(jpeg, i) for i in range(records)])
+    return root
+
+
+def _epoch_labels(d, epoch):
+    """The labels rank ``d`` reads in epoch ``epoch`` (0-based) of its train stream."""
+    batches = d.train.skip(epoch * d.steps_per_epoch).take(d.steps_per_epoch)
+    return np.concatenate([y.numpy() for _, y in batches])
+
+
+@pytest.mark.parametrize("files", [2, 3, 4, 6])
+@pytest.mark.parametrize("cache, deterministic", [(False, True), (False, False), (True, True)])
+def test_every_record_is_read_by_exactly_one_rank_each_epoch(files, cache, deterministic,
+                                                             tmp_path):
+    """3 ranks on 2 files (fewer files than ranks), 3, 4 (not a multiple) and 6: each epoch
+    the multiset of record ids read over all ranks is the dataset."""
+    root = _id_shards(tmp_path / "shards", files)
+    config = _config(root, num_classes=24, global_batch_size=6, cache=cache,
+                     deterministic=deterministic, shuffle_buffer=4)
+    ranks = [data_lib.build(config, r, 3) for r in range(3)]
+    assert {d.steps_per_epoch for d in ranks} == {4}  # 24 records / 3 ranks / batch 2
+    for epoch in (0, 1):
+        seen = collections.Counter(np.concatenate([_epoch_labels(d, epoch) for d in ranks]))
+        assert seen == collections.Counter(range(24)), f"epoch {epoch + 1}: {seen}"
+
+
+def test_file_assignment_is_a_partition_for_any_counts():
+    for files in range(1, 13):
+        for size in range(1, 10):
+            owners = collections.Counter()
+            for rank in range(size):
+                for position, stride, offset in imagenet.file_assignment(files, rank, size):
+                    owners.update((position, i) for i in range(offset, 60, stride))
+            assert owners == collections.Counter((p, i) for p in range(files)
+                                                 for i in range(60)), (files, size)
+            # a rank reads at most a few files beyond its share
+            reads = [len(imagenet.file_assignment(files, r, size)) for r in range(size)]
+            assert max(reads) <= files // size + max(1, files % size)
+
+
+def _first_images(d, n=2):
+    return np.concatenate([x.numpy() for x, _ in d.train.take(n)])
+
+
+def test_ranks_draw_different_crops_and_flips_and_a_rerun_repeats_them(tmp_path):
+    """Every record is the same photo: what differs between two ranks' images is only the
+    random crop and flip, which come from (seed, rank, epoch) and repeat with the seed. (Every
+    rank sets the same global seed, as the trainer does for the initial weights.)"""
+    root = _id_shards(tmp_path / "shards", 1, records=16)
+    config = _config(root, num_classes=16, global_batch_size=8, shuffle_buffer=1)
+
+    def images(rank, seed=0):
+        tf.keras.utils.set_random_seed(0)
+        return _first_images(data_lib.build(config.replace(seed=seed), rank, 2))
+
+    rank0, rank1 = images(0), images(1)
+    assert rank0.shape == (8, 32, 32, 3)
+    differ = [not np.allclose(a, b) for a, b in zip(rank0, rank1)]
+    assert all(differ)
+    np.testing.assert_array_equal(images(0), rank0)  # reproducible from the seed
+    np.testing.assert_array_equal(images(1), rank1)
+    assert not np.allclose(images(0, seed=1), rank0)
+    # within one rank, the draws differ from record to record
+    assert not np.allclose(rank0[0], rank0[1])
+
+
+def test_a_label_out_of_range_stops_training_even_where_corrupt_jpegs_are_skipped(tmp_path):
+    """1-based labels read with --label_offset=0: the last class, 3 of num_classes=3, must
+    stop training and eval, naming file and record, beyond the sample checked before
+    training (it was silently dropped with the corrupt-JPEG skipping)."""
+    good = _id_shards(tmp_path / "ids", 1, records=1)
+    jpeg = imagenet.parse(next(iter(tf.data.TFRecordDataset(
+        imagenet.split_files(str(good), "validation")))))[0].numpy()
+    root = tmp_path / "shards"
+    root.mkdir()
+    payloads = [(jpeg, i % 3) for i in range(30)]
+    payloads[20] = (jpeg, 3)
+    _write_shard(root / "train-00000-of-00002", [(jpeg, i % 3) for i in range(30)])
+    _write_shard(root / "train-00001-of-00002", payloads)
+    _write_shard(root / "validation-00000-of-00001", payloads)
+    d = data_lib.build(_config(root, global_batch_size=4, shuffle_buffer=1), 0, 1)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"label out of range in \S*train-00001-of-00002\S* record 20 label 3"):
+        for _ in d.train.take(3 * d.steps_per_epoch):
+            pass
+    with pytest.raises(tf.errors.InvalidArgumentError, match="record 20 label 3"):
+        for _ in d.eval:
+            pass
+    # before training: the first records of every shard, not only of the first one
+    payloads[2] = (jpeg, 3)
+    _write_shard(root / "train-00001-of-00002", payloads)
+    with pytest.raises(ValueError, match="train-00001-of-00002: record 2 has label 3"):
+        data_lib.build(_config(root), 0, 1)
+
+
+def _damage(path, at=0.5):
+    """Flip one byte inside a record in the middle of the file: its CRC no longer matches."""
+    raw = bytearray(open(path, "rb").read())
+    raw[int(len(raw) * at)] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+
+
+def test_a_damaged_record_mid_shard_is_named_skipped_and_counted(tmp_path, capfd):
+    root = _id_shards(tmp_path / "shards", 2, records=40)
+    _damage(root / "train-00001-of-00002")
+    _damage(root / "validation-00000-of-00001")
+    total = imagenet.count_records(imagenet.split_files(str(root), "train"))
+    assert 20 < total < 40
+    err = capfd.readouterr().err
+    assert re.search(r"train-00001-of-00002: damaged or truncated TFRecord file, readable "
+                     r"up to byte offset \d+", err), err
+    with pytest.raises(tf.errors.DataLossError,
+                       match=r"train-00001-of-00002: damaged .* byte offset \d+.*strict_data"):
+        imagenet.count_records(imagenet.split_files(str(root), "train"), strict=True)
+
+    d = data_lib.build(_config(root, num_classes=40, global_batch_size=2), 0, 1)
+    n_eval = sum(len(y) for _, y in d.eval)
+    assert 0 < n_eval < 40 and int(d.skipped.numpy()) == 1
+    read = _epoch_labels(d, 0)
+    assert len(read) == d.steps_per_epoch * 2 and len(set(read)) == len(read)
+    assert int(d.skipped.numpy()) >= 2  # and once more each epoch that reads the file
+    err = capfd.readouterr().err
+    for name in ("train-00001-of-00002", "validation-00000-of-00001"):
+        assert re.search(rf"damaged or truncated TFRecord file \S*{name}\S* at byte offset \d+",
+                         err), err
+    assert "train-00000-of-00002" not in err
+
+    strict = _config(root, num_classes=40, global_batch_size=2, strict_data=True,
+                     train_examples=20)
+    d = data_lib.build(strict, 0, 1)
+    for ds in (d.train.take(40), d.eval):
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"damaged or truncated TFRecord file \S*-000\d\d-of-000\d\d\S* "
+                                 r"at byte offset \d+"):
+            for _ in ds:
+                pass
+
+
+def test_crop_geometry(tmp_path):
+    """The random-resized crop's window: area and aspect ratio in range, and the central
+    crop when no window fits (here: a strip too thin for any allowed window)."""
+    from lars_tf.data import preprocessing as pre
+
+    shape = tf.constant([375, 500, 3])
+    areas, aspects = [], []
+    for i in range(300):
+        y, x, h, w = pre.crop_window(shape, 224, tf.constant([7, i], tf.int64)).numpy()
+        assert 0 <= y and 0 <= x and y + h <= 375 and x + w <= 500
+        areas.append(h * w / (375 * 500))
+        aspects.append(w / h)
+    assert 0.08 - 0.01 <= min(areas) and max(areas) <= 1.0
+    assert min(areas) < 0.2 and max(areas) > 0.6  # the range is used, not one size
+    assert 3 / 4 * 0.95 <= min(aspects) and max(aspects) <= 4 / 3 * 1.05
+    assert min(aspects) < 0.85 and max(aspects) > 1.2
+    # no 3/4..4/3 window of >= 8% of a 2000x12 strip exists: the central crop instead
+    y, x, h, w = pre.crop_window(tf.constant([12, 2000, 3]), 224,
+                                 tf.constant([1, 2], tf.int64)).numpy()
+    side = int(224 / (224 + 32) * 12)
+    assert (h, w) == (side, side) and y == (12 - side + 1) // 2 and x == (2000 - side + 1) // 2
+    # and the eval crop is the central 224/256 of the shorter side
+    assert side == 10
+
+
+def test_validation_split_takes_the_train_labels(shards, image_folder, tmp_path):
+    """A validation folder missing class_1 keeps class_2's label 2 (each split numbered its
+    own folders before); a folder that is no train class is refused, naming it."""
+    from lars_tf.data.convert import convert
+
+    val = tmp_path / "val"
+    for name in ("class_0", "class_2"):
+        (val / name).mkdir(parents=True)
+        for f in sorted(f for f in os.listdir(image_folder / name)
+                        if f.startswith("fmnist_"))[:3]:
+            os.symlink(image_folder / name / f, val / name / f)
+    out = tmp_path / "out"
+    out.mkdir()
+    labels = (shards / "labels.txt").read_text()
+    (out / "labels.txt").write_text(labels)
+    report = convert(str(val), str(out), "validation", num_shards=1, workers=1)
+    assert report.classes == ["class_0", "class_1", "class_2"]
+    got = collections.Counter(int(imagenet.parse(r)[1]) for r in tf.data.TFRecordDataset(
+        imagenet.split_files(str(out), "validation")))
+    assert got == {0: 3, 2: 3}
+    assert (out / "labels.txt").read_text() == labels  # not rewritten by the validation split
+    (val / "class_9").mkdir()
+    with pytest.raises(ValueError, match="class folder 'class_9' is not a class of the train"):
+        convert(str(val), str(out), "validation", num_shards=1, workers=1)
+    with pytest.raises(FileNotFoundError, match="convert the train split first"):
+        convert(str(val), str(tmp_path / "empty"), "validation", num_shards=1, workers=1)

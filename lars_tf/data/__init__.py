@@ -51,12 +51,12 @@ def build(config, rank: int, size: int, eval_batch_size: int = 1000,
           initial_epoch: int = 0, threads: int | None = None) -> Datasets:
     """The datasets of ``config.dataset`` for one rank of ``size``.
 
-    ``train`` starts at ``initial_epoch``. For ``fashion_mnist`` epoch ``e``'s order depends
-    only on ``(config.seed, rank, e)``, so a resumed run sees exactly the batches an
-    uninterrupted run would. For ``imagenet`` each epoch's file order is seeded the same
-    way, but the shuffle buffer runs across epochs, so a resumed run reads the same files per
-    epoch, mixed differently. ``threads``: the CPU cores this rank may use for input
-    processing.
+    ``train`` starts at ``initial_epoch``. For ``fashion_mnist`` and ``imagenet`` epoch
+    ``e``'s records, their order and their crops and flips depend only on
+    ``(config.seed, rank, e)``, so a resumed run sees exactly the batches an uninterrupted
+    run would, and every record is read by exactly one rank per epoch (up to the
+    remainder that does not fill a batch). ``threads``: the CPU cores this rank may use
+    for input processing.
     """
     if config.dataset == "fashion_mnist":
         d = _fashion_mnist(config, rank, size, eval_batch_size, initial_epoch)
@@ -94,13 +94,19 @@ def _normalize(images: tf.Tensor) -> tf.Tensor:
     return (tf.cast(images, tf.float32) / 255.0 - fashion_mnist.MEAN) / fashion_mnist.STD
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of what rank ``rank`` draws from ``--seed``: shuffles, crops, flips and
+    dropout differ across ranks and repeat with the seed."""
+    return seed * 1000003 + rank
+
+
 def epoch_permutations(n: int, seed: int, rank: int, initial_epoch: int) -> tf.data.Dataset:
     """One permutation of ``range(n)`` per epoch from ``initial_epoch`` on, forever; epoch
     ``e``'s is a pure function of ``(seed, rank, e)`` (stateless random ops)."""
     return tf.data.Dataset.range(initial_epoch, 2 ** 62).map(
         lambda e: tf.random.experimental.stateless_shuffle(
             tf.range(n, dtype=tf.int64),
-            seed=tf.stack([tf.constant(seed * 1000003 + rank, tf.int64), e])))
+            seed=tf.stack([tf.constant(rank_seed(seed, rank), tf.int64), e])))
 
 
 def _fashion_mnist(config, rank: int, size: int, eval_batch_size: int,
@@ -169,85 +175,92 @@ def _imagenet(config, rank: int, size: int, eval_batch_size: int,
                          "validation-* TFRecord shards)")
     files = imagenet.split_files(data_dir, "train")
     eval_files = imagenet.split_files(data_dir, "validation")
-    imagenet.check_labels(files, config.num_classes, config.label_offset,
+    imagenet.check_labels(files + eval_files, config.num_classes, config.label_offset,
                           strict=config.strict_data)
-    examples = config.train_examples or imagenet.count_records(files)
+    examples = config.train_examples or imagenet.count_records(files, config.strict_data)
     steps = _steps(config, examples, size)
-    batch, det, size_px = config.per_rank_batch_size(size), config.deterministic, \
-        config.image_size
+    batch, det = config.per_rank_batch_size(size), config.deterministic
     skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
-    check = imagenet.checked(skipped, config.strict_data, config.num_classes)
+    check = imagenet.checked(skipped, config.strict_data)
     sizes = imagenet.size_table(files + eval_files)
-    strict = config.strict_data
 
-    def read(paths, deterministic):
-        return imagenet.records(paths, deterministic, strict=strict, skipped=skipped,
-                                sizes=sizes)
-
-    def parsed(records):
-        # parse and check in parallel; the filter after it only reads a flag
-        return (records
+    def parsed(paths, assignment, deterministic):
+        """This rank's records of ``paths`` (a tensor, in the epoch's order), parsed and
+        checked in parallel; the filter after the check only reads a flag."""
+        positions, strides, offsets = (list(c) for c in zip(*assignment)) if assignment \
+            else ([], [], [])
+        return (imagenet.records(tf.gather(paths, tf.constant(positions, tf.int64)),
+                                 deterministic, strict=config.strict_data, skipped=skipped,
+                                 sizes=sizes, strides=strides, offsets=offsets)
                 .map(lambda r, p, i: check(*imagenet.parse(r, config.label_offset), p, i),
-                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=det)
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
                 .filter(imagenet.is_ok).map(imagenet.drop_flag))
 
-    def shard(ds, file_level):
-        return ds if file_level else ds.shard(size, rank)
-
-    # train: file-level shards when there are enough files, else every rank reads all
-    # files and keeps every size-th record
-    file_level = len(files) >= size
-    mine = files[rank::size] if file_level else files
+    # Every epoch, all ranks order the files alike (seeded by (seed, epoch)) and split them
+    # with file_assignment, so each record is read by exactly one rank per epoch. Each rank
+    # shuffles its records within the epoch from (seed, rank, epoch) and takes exactly
+    # `steps` batches of them, so epoch e's stream depends only on (seed, rank, e): a
+    # resumed run reads what an uninterrupted one would.
+    mine = imagenet.file_assignment(len(files), rank, size)
     imagenet.log_sharding(rank, len(files), size, "train")
-    # Each epoch reads the files in an order seeded by (seed, rank, epoch); one shuffle
-    # buffer over the whole stream then mixes records across files and epoch boundaries.
-    seed = config.seed * 1000003 + rank
-    if config.cache:  # parse once, keep this rank's records in memory
-        cached = parsed(shard(read(mine, det), file_level)).cache()
+    files_t = tf.constant(files)
+    seed = rank_seed(config.seed, rank)
+    if config.cache:  # parse once; this rank's records (a fixed split) stay in memory
+        cached = parsed(files_t, mine, det).cache()
 
-        def epoch(e):
+        def epoch_records(e):
             return cached
     else:
-        files_t = tf.constant(mine)
-
-        def epoch(e):
+        def epoch_records(e):
             order = tf.random.experimental.stateless_shuffle(
-                tf.range(len(mine), dtype=tf.int64),
-                seed=tf.stack([tf.constant(seed, tf.int64), e]))
-            return parsed(shard(read(tf.gather(files_t, order), det), file_level))
-    train = _train_images(
-        tf.data.Dataset.range(initial_epoch, 2 ** 62).flat_map(epoch)
-        .shuffle(config.shuffle_buffer, seed=seed + 7919 * initial_epoch,
-                 reshuffle_each_iteration=False), config, batch)
+                tf.range(len(files), dtype=tf.int64),
+                seed=tf.stack([tf.constant(config.seed, tf.int64), e]))
+            return parsed(tf.gather(files_t, order), mine, det)
 
-    eval_level = len(eval_files) >= size
-    eval_mine = eval_files[rank::size] if eval_level else eval_files
-    evaluation = _eval_images(parsed(shard(read(eval_mine, True), eval_level)), config,
-                              eval_batch_size)
+    def epoch(e):
+        # tf.data would mix the global seed (the same on every rank, and a tensor seed
+        # cannot be combined with a global seed of 0) into the shuffle's seeds; clearing it
+        # in this function's graph leaves the shuffle to (seed, rank, epoch) alone
+        tf.compat.v1.get_default_graph().seed = None
+        records = epoch_records(e).shuffle(config.shuffle_buffer, seed=seed * 7919 + e,
+                                           reshuffle_each_iteration=False)
+        return records.take(steps * batch).enumerate().map(
+            lambda k, rec: (*rec, tf.stack([tf.constant(seed, tf.int64), e * 2 ** 32 + k])))
+
+    train = _train_images(tf.data.Dataset.range(initial_epoch, 2 ** 62).flat_map(epoch),
+                          config, batch)
+    evaluation = _eval_images(
+        parsed(tf.constant(eval_files), imagenet.file_assignment(len(eval_files), rank, size),
+               True), config, eval_batch_size)
     return Datasets(train=train, eval=evaluation, steps_per_epoch=steps,
                     train_examples=examples, eval_examples=None,
-                    input_shape=(size_px, size_px, 3), num_classes=config.num_classes,
-                    skipped=skipped)
+                    input_shape=(config.image_size, config.image_size, 3),
+                    num_classes=config.num_classes, skipped=skipped)
 
 
 def _eval_images(records, config, eval_batch_size):
     dtype = compute_dtype()
     return (records
             .map(lambda b, label, box, p, i: (
-                preprocessing.eval_image(b, config.image_size, dtype), label),
+                preprocessing.eval_image(b, config.image_size, dtype), label, p, i),
                 num_parallel_calls=tf.data.AUTOTUNE)
+            .map(imagenet.label_checked(config.num_classes))
             .batch(eval_batch_size).prefetch(tf.data.AUTOTUNE))
 
 
 def _train_images(records, config, batch):
+    """``(jpeg, label, bbox, path, index, seed)`` records -> batches of augmented images.
+    Without ``--strict_data`` an image that fails to decode is skipped; the label check
+    comes after that skip, so a bad label always stops the run."""
     dtype, det = compute_dtype(), config.deterministic
     ds = records.map(
-        lambda b, label, box, p, i: (preprocessing.train_image(b, config.image_size, dtype, box),
-                                     label),
+        lambda b, label, box, p, i, seed: (
+            preprocessing.train_image(b, config.image_size, dtype, box, seed), label, p, i),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=det)
     if not config.strict_data:
         ds = ds.apply(tf.data.experimental.ignore_errors(log_warning=True))
-    return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return (ds.map(imagenet.label_checked(config.num_classes))
+            .batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
 
 
 def _tfds(config, rank: int, size: int, eval_batch_size: int) -> Datasets:
@@ -259,16 +272,19 @@ def _tfds(config, rank: int, size: int, eval_batch_size: int) -> Datasets:
     examples = config.train_examples or splits["train"].num_examples
     steps = _steps(config, examples, size)
     skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
-    check = imagenet.checked(skipped, config.strict_data, num_classes)
+    check = imagenet.checked(skipped, config.strict_data)
 
     def checked(records):
         return (records.map(check, num_parallel_calls=tf.data.AUTOTUNE,
                             deterministic=config.deterministic)
                 .filter(imagenet.is_ok).map(imagenet.drop_flag))
 
-    seed = config.seed * 1000003 + rank
+    seed = rank_seed(config.seed, rank)
     train = checked(tfds_source.records(config, "train", rank, size, training=True).repeat()
                     ).shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+    # the augmentation seed of the k-th record this rank reads: (seed, rank, k)
+    train = train.enumerate().map(
+        lambda k, rec: (*rec, tf.stack([tf.constant(seed, tf.int64), k])))
     evaluation = None
     if eval_split in splits:
         evaluation = _eval_images(

@@ -1,6 +1,9 @@
 """Image folder (one subfolder per class) -> sharded TFRecords in the ImageNet schema.
 
-Classes are the subfolder names in sorted order (label 0, 1, ...). A JPEG that is whole is
+Classes are the train split's subfolder names in sorted order (label 0, 1, ...), written
+to ``labels.txt``; the validation split takes its labels from that file, so a class
+missing from the validation folder shifts nothing (a folder that is not a train class is
+an error). A JPEG that is whole is
 stored as it is; another image format TensorFlow can decode (PNG, GIF, BMP) is re-encoded as
 JPEG; a file that cannot be decoded is skipped and listed in the report. Shards are written
 in parallel worker processes, each to a temporary name renamed when complete.
@@ -16,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+LABELS_FILE = "labels.txt"
 
 
 @dataclass
@@ -28,23 +32,48 @@ class Report:
     skipped: list[dict] = field(default_factory=list)  # {"file": ..., "error": ...}
 
 
-def list_images(input_dir: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """``(classes, [(path, label), ...])`` of an image folder; errors name the folder."""
+def list_images(input_dir: str, classes: list[str] | None = None
+                ) -> tuple[list[str], list[tuple[str, int]]]:
+    """``(classes, [(path, label), ...])`` of an image folder; errors name the folder.
+
+    ``classes``: the label of each class name (from the train split's ``labels.txt``);
+    without it, the subfolders in sorted order. A subfolder that is not in ``classes`` is
+    an error naming it."""
     if not os.path.isdir(input_dir):
         raise FileNotFoundError(f"--input_dir={input_dir!r} is not a directory")
-    classes = sorted(d for d in os.listdir(input_dir)
+    folders = sorted(d for d in os.listdir(input_dir)
                      if os.path.isdir(os.path.join(input_dir, d)))
-    if not classes:
+    if not folders:
         raise ValueError(f"--input_dir={input_dir!r} has no class subfolders")
+    if classes is None:
+        classes = folders
+    label_of = {name: i for i, name in enumerate(classes)}
+    unknown = [d for d in folders if d not in label_of]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ValueError(
+            f"--input_dir={input_dir!r}: class folder {unknown[0]!r}{more} is not a class of "
+            f"the train split ({LABELS_FILE} lists {len(classes)} classes)")
     items = []
-    for label, name in enumerate(classes):
+    for name in folders:
         folder = os.path.join(input_dir, name)
         for f in sorted(os.listdir(folder)):
             if f.lower().endswith(IMAGE_EXTENSIONS):
-                items.append((os.path.join(folder, f), label))
+                items.append((os.path.join(folder, f), label_of[name]))
     if not items:
         raise ValueError(f"--input_dir={input_dir!r} holds no images ({IMAGE_EXTENSIONS})")
-    return classes, items
+    return list(classes), items
+
+
+def read_labels(output_dir: str) -> list[str]:
+    """The train split's class names, in label order, from ``output_dir/labels.txt``."""
+    path = os.path.join(output_dir, LABELS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--output_dir={output_dir!r} has no {LABELS_FILE}: convert the train split "
+            "first (--split=train); the validation split takes its labels from it")
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
 
 
 def _write_shard(job) -> dict:
@@ -52,6 +81,7 @@ def _write_shard(job) -> dict:
     path, items, classes = job
     import tensorflow as tf
 
+    from lars_tf.data.imagenet import clean_message
     from lars_tf.data.preprocessing import is_valid_jpeg
 
     def feature(value):
@@ -71,7 +101,7 @@ def _write_shard(job) -> dict:
                     raw = tf.io.encode_jpeg(image, quality=95).numpy()
                     done["reencoded"].append(file)
             except (OSError, tf.errors.OpError) as e:
-                msg = getattr(e, "message", None) or str(e)
+                msg = clean_message(getattr(e, "message", None) or str(e))
                 done["skipped"].append({"file": file, "error": msg.splitlines()[0][:300]})
                 continue
             example = tf.train.Example(features=tf.train.Features(feature={
@@ -92,13 +122,15 @@ def _write_shard(job) -> dict:
 def convert(input_dir: str, output_dir: str, split: str = "train", num_shards: int = 8,
             workers: int | None = None, seed: int = 0,
             progress: Callable[[int, int], None] | None = None) -> Report:
-    """Write ``output_dir/{split}-NNNNN-of-MMMMM`` shards, ``labels.txt`` and
-    ``report-{split}.json``; ``progress(done_shards, num_shards)`` is called as shards end."""
+    """Write ``output_dir/{split}-NNNNN-of-MMMMM`` shards and ``report-{split}.json``, and
+    for the train split ``labels.txt`` (the validation split reads it: convert train
+    first); ``progress(done_shards, num_shards)`` is called as shards end."""
     if split not in ("train", "validation"):
         raise ValueError(f"--split={split!r}: must be train or validation")
     if num_shards < 1:
         raise ValueError(f"--num_shards={num_shards}: must be >= 1")
-    classes, items = list_images(input_dir)
+    classes, items = list_images(
+        input_dir, read_labels(output_dir) if split == "validation" else None)
     random.Random(seed).shuffle(items)  # shards mix the classes
     os.makedirs(output_dir, exist_ok=True)
     jobs = [(os.path.join(output_dir, f"{split}-{i:05d}-of-{num_shards:05d}"),
@@ -114,8 +146,11 @@ def convert(input_dir: str, output_dir: str, split: str = "train", num_shards: i
             report.skipped += done["skipped"]
             if progress:
                 progress(n, num_shards)
-    with open(os.path.join(output_dir, "labels.txt"), "w") as f:
-        f.write("\n".join(classes) + "\n")
+    if split == "train":
+        tmp = os.path.join(output_dir, LABELS_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            f.write("\n".join(classes) + "\n")
+        os.replace(tmp, os.path.join(output_dir, LABELS_FILE))
     with open(os.path.join(output_dir, f"report-{split}.json"), "w") as f:
         json.dump(report.__dict__, f, indent=1)
     return report

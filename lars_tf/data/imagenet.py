@@ -40,10 +40,48 @@ def split_files(data_dir: str, split: str) -> list[str]:
     return files
 
 
-def count_records(files: list[str]) -> int:
-    """Records in ``files`` (reads them, decodes nothing)."""
-    return int(tf.data.TFRecordDataset(files).reduce(tf.constant(0, tf.int64),
-                                                     lambda n, _: n + 1))
+def count_records(files: list[str], strict: bool = False) -> int:
+    """Records in ``files`` (reads them, decodes nothing), counted file by file in parallel.
+
+    A file whose records end before its last byte (truncated, or a record whose CRC fails:
+    bit rot, an interrupted copy) counts the records before the damage and is named on
+    stderr with the byte offset of the damage; with ``strict`` (``--strict_data``) it is a
+    ``DataLossError`` naming the file and offset."""
+    def per_file(path):
+        n_bytes = tf.data.TFRecordDataset(path, buffer_size=1 << 20).apply(
+            tf.data.experimental.ignore_errors()).reduce(
+            (tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
+            lambda acc, r: (acc[0] + 1, acc[1] + tf.cast(tf.strings.length(r), tf.int64) + 16))
+        return path, n_bytes[0], n_bytes[1]
+
+    total = 0
+    counts = tf.data.Dataset.from_tensor_slices(list(files)).map(
+        per_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    for path, n, read in counts.as_numpy_iterator():
+        path = path.decode()
+        total += int(n)
+        if read != os.path.getsize(path):
+            message = (f"{path}: damaged or truncated TFRecord file, readable up to byte "
+                       f"offset {read} of {os.path.getsize(path)} ({n} records before it)")
+            if strict:
+                raise tf.errors.DataLossError(None, None, message + " (--strict_data)")
+            print(f"lars_tf: {message}; counting and reading only those",
+                  file=sys.stderr, flush=True)
+    return total
+
+
+def label_sample(files: list[str], per_file: int = 8) -> tf.data.Dataset:
+    """``(path, index, label)`` of the first ``per_file`` records of every file, read in
+    parallel (only the label is parsed)."""
+    label_only = {"image/class/label": FEATURES["image/class/label"]}
+
+    def head(path):
+        return (tf.data.TFRecordDataset(path).take(per_file).enumerate()
+                .map(lambda i, r: (path, i, tf.io.parse_single_example(
+                    r, label_only)["image/class/label"])))
+
+    return tf.data.Dataset.from_tensor_slices(list(files)).interleave(
+        head, cycle_length=16, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def parse(record: tf.Tensor, label_offset: int = 0):
@@ -54,32 +92,44 @@ def parse(record: tf.Tensor, label_offset: int = 0):
         box[None]
 
 
-def check_labels(files: list[str], num_classes: int, label_offset: int, records: int = 256,
+def check_labels(files: list[str], num_classes: int, label_offset: int, per_file: int = 8,
                  strict: bool = False):
-    """Look at the first records of the first shard before training: labels outside
-    ``[0, num_classes)`` after ``label_offset`` mean a wrong ``--label_offset`` or
-    ``--num_classes``, so fail now rather than mid-epoch. A shard that is not readable
+    """Look at the first ``per_file`` records of every shard before training (cheap: the
+    labels only): a label outside ``[0, num_classes)`` after ``label_offset`` means a wrong
+    ``--label_offset`` or ``--num_classes``, so fail now, naming the file and record, rather
+    than mid-epoch (the pipeline checks every record as well). A shard that is not readable
     there fails now with ``strict`` (``--strict_data``); otherwise the pipeline skips and
     reports it."""
-    i, it = 0, iter(tf.data.TFRecordDataset(files[:1]).take(records))
+    it = label_sample(files, per_file).as_numpy_iterator()
     while True:
         try:
-            rec = next(it)
+            path, i, label = next(it)
         except StopIteration:
             return
-        except tf.errors.DataLossError as e:
+        except tf.errors.DataLossError:
             if not strict:
                 return
-            why = re.sub(r"\{\{.*?\}\}\s*", "", e.message).split("(")[0].strip()
-            raise tf.errors.DataLossError(
-                None, None, f"{files[0]}: record {i} cannot be read ({why}): not a TFRecord "
-                "file, or a damaged one (--strict_data)") from e
-        i += 1
-        label = int(tf.io.parse_single_example(rec, FEATURES)["image/class/label"])
+            for path in files:  # the error path only: find the file, one at a time
+                try:
+                    for _ in label_sample([path], per_file):
+                        pass
+                except tf.errors.DataLossError as e:
+                    why = clean_message(e.message).split("(")[0].strip()
+                    raise tf.errors.DataLossError(
+                        None, None, f"{path}: cannot be read ({why}): not a TFRecord file, "
+                        "or a damaged one (--strict_data)") from e
+            raise
         if not 0 <= label - label_offset < num_classes:
             raise ValueError(
-                f"{files[0]}: record {i - 1} has label {label}, which with --label_offset="
+                f"{path.decode()}: record {i} has label {label}, which with --label_offset="
                 f"{label_offset} is outside [0, --num_classes={num_classes})")
+
+
+def clean_message(message: str) -> str:
+    """An op error's message without TensorFlow's internal prefix
+    (``{{function_node __wrapped__DecodeImage...}}``) and op suffix (`` [Op:...]``)."""
+    message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", message)
+    return re.sub(r"\s*\[Op:\w+\].*$", "", message.strip(), flags=re.S).strip()
 
 
 def size_table(files: list[str]) -> tf.lookup.StaticHashTable:
@@ -91,43 +141,81 @@ def size_table(files: list[str]) -> tf.lookup.StaticHashTable:
         default_value=-1)
 
 
+def file_assignment(num_files: int, rank: int, size: int) -> list[tuple[int, int, int]]:
+    """What rank ``rank`` of ``size`` reads of an epoch's list of ``num_files`` files: a list
+    of ``(position, stride, offset)``, meaning the records ``i`` of the file at ``position``
+    with ``i % stride == offset``. Over all ranks every record of every file is read by
+    exactly one rank, whatever the two numbers are.
+
+    The first ``num_files // size * size`` files go whole, one rank each (file-level
+    sharding: every byte read once). The ``L = num_files % size`` files left over are split
+    by record: when ``size`` is a multiple of ``L`` each is read by ``size / L`` ranks,
+    each keeping every ``size / L``-th record (the papers' 2048 workers on 1024 ImageNet
+    shards read 2 ranks per file); otherwise every rank reads all ``L`` and keeps every
+    ``size``-th record of each, which costs each rank up to ``L`` extra file reads (make
+    the file count a multiple or a divisor of the ranks to avoid it)."""
+    whole = num_files // size * size
+    out = [(p, 1, 0) for p in range(rank, whole, size)]
+    left = num_files - whole
+    if left and size % left == 0:
+        out.append((whole + rank % left, size // left, rank // left))
+    elif left:
+        # file j keeps the records i = rank - j (mod size): the remainders spread over ranks
+        out += [(whole + j, size, (rank - j) % size) for j in range(left)]
+    return out
+
+
 def records(files, deterministic: bool, cycle_length: int = 16, strict: bool = False,
             skipped: tf.Variable | None = None,
-            sizes: tf.lookup.StaticHashTable | None = None) -> tf.data.Dataset:
-    """``(serialized, file, index_in_file)`` from ``files``, interleaved in parallel.
+            sizes: tf.lookup.StaticHashTable | None = None,
+            strides=None, offsets=None) -> tf.data.Dataset:
+    """``(serialized, file, index_in_file)`` from ``files``, interleaved in parallel; of
+    file ``k`` only the records ``i`` with ``i % strides[k] == offsets[k]`` (all of them by
+    default; see ``file_assignment``).
 
-    A truncated or corrupt shard ends that file early instead of ending the run: the bytes
-    read (each record plus its 16 framing bytes) are compared with the file's size, and a
-    shortfall is reported on stderr naming the file and counted in ``skipped`` (one per
-    file). With ``strict`` it is an error.
+    A truncated shard, or one with a damaged record (its CRC fails), ends that file at the
+    damage instead of ending the run: the bytes read (each record plus its 16 framing bytes)
+    are compared with the file's size, and a shortfall is reported on stderr naming the
+    file and the byte offset of the damage, and counted in ``skipped`` (one per file). With
+    ``strict`` it is an ``InvalidArgumentError`` naming the file and offset.
 
     ``files``: a list of paths, or a tensor of them (then give ``sizes``, a ``size_table``
     made outside any tf.data function)."""
     if isinstance(files, (list, tuple)):
-        if sizes is None and not strict:
+        if sizes is None:
             sizes = size_table(files)
         files = tf.constant(list(files))
-    elif sizes is None and not strict:
+    elif sizes is None:
         raise ValueError("records(): a tensor of paths needs sizes=size_table(...)")
+    n = tf.shape(files, out_type=tf.int64)[0]
+    strides = tf.ones([n], tf.int64) if strides is None else tf.cast(strides, tf.int64)
+    offsets = tf.zeros([n], tf.int64) if offsets is None else tf.cast(offsets, tf.int64)
 
-    def read(path):
+    def read(path, stride, offset):
         ds = (tf.data.TFRecordDataset(path, buffer_size=1 << 20).enumerate()
-              .map(lambda i, r: (r, path, i)))
-        if strict:
-            return ds
-        ds = ds.apply(tf.data.experimental.ignore_errors())
+              .map(lambda i, r: (r, path, i))
+              .apply(tf.data.experimental.ignore_errors()))
         expected = sizes.lookup(path)
         end = tf.data.Dataset.from_tensors((tf.constant(b""), path, tf.constant(-1, tf.int64)))
 
         def account(done, record):
             r, p, i = record
-            done = done + tf.where(i < 0, tf.constant(0, tf.int64),
-                                   tf.cast(tf.strings.length(r), tf.int64) + 16)
-            return done, (r, p, i, tf.logical_and(i < 0, done != expected))
+            read_to = done + tf.where(i < 0, tf.constant(0, tf.int64),
+                                      tf.cast(tf.strings.length(r), tf.int64) + 16)
+            return read_to, (r, p, i, tf.logical_and(i < 0, read_to != expected), read_to)
 
-        def report(r, p, i, short):
+        def report(r, p, i, short, offset_of_damage):
+            if strict:
+                check = tf.debugging.Assert(tf.logical_not(short), [tf.strings.join([
+                    "damaged or truncated TFRecord file ", p, " at byte offset ",
+                    tf.strings.as_string(offset_of_damage), " of ",
+                    tf.strings.as_string(expected), " (--strict_data)"])])
+                with tf.control_dependencies([check]):
+                    return i >= 0
+
             def say():
-                tf.print("lars_tf: truncated or corrupt TFRecord file", p,
+                tf.print("lars_tf: damaged or truncated TFRecord file", p, "at byte offset",
+                         offset_of_damage, "of", expected,
                          "- read up to the damage, skipped the rest", output_stream=sys.stderr)
                 if skipped is not None:
                     skipped.assign_add(1)
@@ -135,40 +223,53 @@ def records(files, deterministic: bool, cycle_length: int = 16, strict: bool = F
 
             return tf.cond(short, say, lambda: i >= 0)
 
-        return ds.concatenate(end).scan(tf.constant(0, tf.int64), account).filter(report) \
-            .map(lambda r, p, i, short: (r, p, i))
+        return (ds.concatenate(end).scan(tf.constant(0, tf.int64), account).filter(report)
+                .filter(lambda r, p, i, short, o: tf.equal(i % stride, offset))
+                .map(lambda r, p, i, short, o: (r, p, i)))
 
-    return tf.data.Dataset.from_tensor_slices(files).interleave(
+    return tf.data.Dataset.from_tensor_slices((files, strides, offsets)).interleave(
         read, cycle_length=min(cycle_length, int(files.shape[0])), block_length=1,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
 
-def checked(skipped: tf.Variable, strict: bool, num_classes: int):
-    """Per-record checks, run inside the parallel parse map: returns the record plus an
-    ``ok`` flag for a cheap ``filter`` after it.
-
-    A corrupt JPEG (structural check) is reported on stderr with its file and index and
-    counted in ``skipped`` (``ok`` False), or with ``strict`` fails naming them. A label
-    outside ``[0, num_classes)`` always fails, naming the file and record."""
+def checked(skipped: tf.Variable, strict: bool):
+    """The per-record JPEG check, run inside the parallel parse map: returns the record
+    plus an ``ok`` flag for a cheap ``filter`` after it. A corrupt JPEG (structural check)
+    is reported on stderr with its file and index and counted in ``skipped`` (``ok``
+    False), or with ``strict`` fails naming them. Labels are checked by ``label_checked``,
+    after any error skipping, so that no skip can swallow a bad label."""
     def check(image_bytes, label, bbox, path, index):
         valid = preprocessing.is_valid_jpeg(image_bytes)
-        in_range = tf.logical_and(label >= 0, label < num_classes)
-        asserts = [tf.debugging.Assert(
-            in_range, ["label out of range in", path, "record", index, "label", label])]
         if strict:
-            asserts.append(tf.debugging.Assert(
-                valid, ["corrupt JPEG in", path, "record", index, "(--strict_data)"]))
-            ok = valid
-        else:
-            def report():
-                tf.print("lars_tf: skipping corrupt JPEG in", path, "record", index,
-                         output_stream=sys.stderr)
-                skipped.assign_add(1)
-                return tf.constant(False)
+            with tf.control_dependencies([tf.debugging.Assert(valid, [tf.strings.join([
+                    "corrupt JPEG in ", path, " record ", tf.strings.as_string(index),
+                    " (--strict_data)"])])]):
+                return tf.identity(image_bytes), label, bbox, path, index, valid
 
-            ok = tf.cond(valid, lambda: tf.constant(True), report)
-        with tf.control_dependencies(asserts):
-            return tf.identity(image_bytes), label, bbox, path, index, ok
+        def report():
+            tf.print("lars_tf: skipping corrupt JPEG in", path, "record", index,
+                     output_stream=sys.stderr)
+            skipped.assign_add(1)
+            return tf.constant(False)
+
+        ok = tf.cond(valid, lambda: tf.constant(True), report)
+        return image_bytes, label, bbox, path, index, ok
+
+    return check
+
+
+def label_checked(num_classes: int):
+    """``(image, label, path, index) -> (image, label)``, failing with an
+    ``InvalidArgumentError`` that names the file and record when the label is outside
+    ``[0, num_classes)``: a wrong ``--label_offset`` or ``--num_classes`` always stops the
+    run. Place it after any ``ignore_errors``."""
+    def check(image, label, path, index):
+        in_range = tf.logical_and(label >= 0, label < num_classes)
+        with tf.control_dependencies([tf.debugging.Assert(in_range, [tf.strings.join([
+                "label out of range in ", path, " record ", tf.strings.as_string(index),
+                " label ", tf.strings.as_string(label),
+                f" (not in [0, --num_classes={num_classes}); check --label_offset)"])])]):
+            return tf.identity(image), label
 
     return check
 
@@ -183,5 +284,8 @@ def is_ok(*record):
 
 def log_sharding(rank: int, files: int, size: int, split: str) -> None:
     if rank == 0:
-        how = "file level" if files >= size else "example level (fewer files than ranks)"
+        left = files % size
+        how = ("file level" if not left else
+               f"file level, {left} files split by record" if files >= size else
+               "record level (fewer files than ranks)")
         logging.info("%s: %d files over %d ranks, sharded at the %s", split, files, size, how)

@@ -1,7 +1,9 @@
 """Pure image preprocessing: JPEG bytes in, normalised tensors out (TensorFlow only).
 
 Training: Inception-style random-resized crop decoded straight from the JPEG (only the
-crop window's pixels are decoded), random flip. Eval: the central 87.5% (size / (size + 32))
+crop window's pixels are decoded), random flip, both drawn from a stateless seed that the
+pipeline derives from (seed, rank, epoch, position), so ranks draw differently and a run is
+reproducible. Eval: the central 87.5% (size / (size + 32))
 of the shorter side, decoded from the JPEG, resized. Both as in the ResNet recipes.
 """
 
@@ -17,6 +19,7 @@ IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 AREA_RANGE = (0.08, 1.0)
 ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
+MAX_ATTEMPTS = 10  # window draws before the central crop (TensorFlow's reference value)
 
 
 def is_valid_jpeg(image_bytes: tf.Tensor) -> tf.Tensor:
@@ -27,26 +30,56 @@ def is_valid_jpeg(image_bytes: tf.Tensor) -> tf.Tensor:
     return tf.logical_and(tf.io.is_jpeg(image_bytes), tf.equal(tail, b"\xff\xd9"))
 
 
-def random_resized_crop(image_bytes: tf.Tensor, size: int, bbox: tf.Tensor | None = None,
-                        area_range=AREA_RANGE, aspect_ratio_range=ASPECT_RATIO_RANGE,
-                        max_attempts: int = 100, flip: bool = False) -> tf.Tensor:
-    """A random crop covering ``area_range`` of the image (or of its ``bbox``, [1, N, 4] in
-    [ymin, xmin, ymax, xmax] fractions) with aspect ratio in ``aspect_ratio_range``, decoded
-    from the JPEG, optionally flipped left-right at random (on the small uint8 crop, before
-    the resize), and resized to ``size`` x ``size``; float32 in [0, 255]. When no window fits
-    in ``max_attempts`` samples, the whole image is used."""
-    shape = tf.image.extract_jpeg_shape(image_bytes)
+def _center_window(height, width, size: int):
+    """``(y, x, side, side)``: the central ``size / (size + 32)`` of the shorter side."""
+    side = tf.cast(size / (size + 32) * tf.cast(tf.minimum(height, width), tf.float32),
+                   tf.int32)
+    return (height - side + 1) // 2, (width - side + 1) // 2, side, side
+
+
+def crop_window(shape: tf.Tensor, size: int, seed: tf.Tensor, bbox: tf.Tensor | None = None,
+                area_range=AREA_RANGE, aspect_ratio_range=ASPECT_RATIO_RANGE,
+                max_attempts: int = MAX_ATTEMPTS) -> tf.Tensor:
+    """The training crop ``[y, x, height, width]`` of an image of ``shape`` (``[H, W, C]``):
+    a window covering ``area_range`` of the image (or of ``bbox``, [1, N, 4] in [ymin, xmin,
+    ymax, xmax] fractions) with aspect ratio in ``aspect_ratio_range``, drawn from the
+    stateless ``seed`` (shape [2]). When no window fits in ``max_attempts`` draws, the
+    central crop of ``center_crop`` instead (as TensorFlow's reference ResNet preprocessing
+    does), not the whole, distorted image."""
     if bbox is None:
         bbox = tf.constant([[[0.0, 0.0, 1.0, 1.0]]])
-    begin, crop, _ = tf.image.sample_distorted_bounding_box(
-        shape, bounding_boxes=bbox, min_object_covered=0.1,
+    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=bbox, seed=seed, min_object_covered=0.1,
         aspect_ratio_range=aspect_ratio_range, area_range=area_range,
         max_attempts=max_attempts, use_image_if_no_bounding_boxes=True)
     y, x, _ = tf.unstack(begin)
     h, w, _ = tf.unstack(crop)
-    image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, h, w]), channels=3)
+    # no window found: the op returns the whole image
+    failed = tf.logical_and(tf.equal(h, shape[0]), tf.equal(w, shape[1]))
+    center = _center_window(shape[0], shape[1], size)
+    return tf.where(failed, tf.stack(center), tf.stack([y, x, h, w]))
+
+
+def random_resized_crop(image_bytes: tf.Tensor, size: int, bbox: tf.Tensor | None = None,
+                        area_range=AREA_RANGE, aspect_ratio_range=ASPECT_RATIO_RANGE,
+                        max_attempts: int = MAX_ATTEMPTS, flip: bool = False,
+                        seed: tf.Tensor | None = None) -> tf.Tensor:
+    """The ``crop_window`` of the image decoded from the JPEG (only the window's pixels),
+    optionally flipped left-right at random (on the small uint8 crop, before the resize),
+    and resized to ``size`` x ``size``; float32 in [0, 255].
+
+    ``seed`` (shape [2], int): the stateless seed of the crop and flip draws, so that the
+    pipeline decides them from (seed, rank, epoch, position); without one, a seed is drawn
+    from TensorFlow's global generator."""
+    if seed is None:
+        seed = tf.random.uniform([2], maxval=2 ** 31 - 1, dtype=tf.int64)
+    seed = tf.cast(seed, tf.int64)
+    shape = tf.image.extract_jpeg_shape(image_bytes)
+    window = crop_window(shape, size, seed, bbox, area_range, aspect_ratio_range,
+                         max_attempts)
+    image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
     if flip:
-        image = tf.image.random_flip_left_right(image)
+        image = tf.image.stateless_random_flip_left_right(image, seed=seed + [0, 1])
     return tf.image.resize(image, [size, size], method="bilinear")
 
 
@@ -54,11 +87,8 @@ def center_crop(image_bytes: tf.Tensor, size: int) -> tf.Tensor:
     """The central ``size / (size + 32)`` of the shorter side, decoded from the JPEG and
     resized to ``size`` x ``size``; float32 in [0, 255]."""
     shape = tf.image.extract_jpeg_shape(image_bytes)
-    h, w = shape[0], shape[1]
-    side = tf.cast(size / (size + 32) * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
-    y, x = (h - side + 1) // 2, (w - side + 1) // 2
-    image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, side, side]),
-                                          channels=3)
+    image = tf.image.decode_and_crop_jpeg(
+        image_bytes, tf.stack(_center_window(shape[0], shape[1], size)), channels=3)
     return tf.image.resize(image, [size, size], method="bilinear")
 
 
@@ -84,8 +114,10 @@ def normalize(image: tf.Tensor, dtype=tf.float32, mean=IMAGENET_MEAN,
     return tf.cast((image - m) * k, dtype)
 
 
-def train_image(image_bytes, size: int, dtype=tf.float32, bbox=None) -> tf.Tensor:
-    return normalize(random_resized_crop(image_bytes, size, bbox, flip=True), dtype)
+def train_image(image_bytes, size: int, dtype=tf.float32, bbox=None, seed=None) -> tf.Tensor:
+    """Random-resized crop + flip drawn from ``seed``, normalised, in ``dtype``."""
+    return normalize(random_resized_crop(image_bytes, size, bbox, flip=True, seed=seed),
+                     dtype)
 
 
 def eval_image(image_bytes, size: int, dtype=tf.float32) -> tf.Tensor:

@@ -72,12 +72,14 @@ def records(config, split: str, rank: int, size: int, training: bool) -> tf.data
     ``(serialized-like tuple): (jpeg_bytes, label, bbox, origin, index)``."""
     import tensorflow_datasets as tfds
 
+    from lars_tf.data import rank_seed
+
     builder = get_builder(config)
     image_key, label_key, _ = info(config, builder)
     part = tfds.even_splits(split, n=size)[rank]
     ds = builder.as_dataset(
         split=part, decoders={image_key: tfds.decode.SkipDecoding()}, shuffle_files=training,
-        read_config=tfds.ReadConfig(shuffle_seed=config.seed * 1000003 + rank,
+        read_config=tfds.ReadConfig(shuffle_seed=rank_seed(config.seed, rank),
                                     try_autocache=False))
     origin = tf.constant(f"tfds:{builder.name}/{split}")
     return ds.enumerate().map(
