@@ -74,6 +74,21 @@ def save(model_dir: str, epoch: int, model: tf.keras.Model, optimizer, meta: dic
     return final
 
 
+def state_variables(**roots) -> list[tf.Variable]:
+    """Every variable that ``tf.train.Checkpoint(**roots)`` saves, found by walking its
+    object graph (so nothing is missed that a checkpoint restores: model weights and
+    BatchNorm statistics, optimizer slots and step counter, and the loss-scale state, which
+    Keras' loss-scale optimizer keeps out of its ``variables``). In a stable order: the
+    same on every rank for the same model and optimizer."""
+    found, seen = [], set()
+    root = tf.train.Checkpoint(**roots)  # the view holds it weakly
+    for obj in tf.train.TrackableView(root).descendants():
+        if isinstance(obj, tf.Variable) and id(obj) not in seen:
+            seen.add(id(obj))
+            found.append(obj)
+    return found
+
+
 def restore(path: str, model: tf.keras.Model, optimizer) -> dict:
     """Load a checkpoint folder into ``model`` and a built ``optimizer``; returns meta.
 

@@ -80,6 +80,14 @@ flags.DEFINE_integer("backward_passes_per_step", _D.backward_passes_per_step,
 flags.DEFINE_float("gradient_predivide_factor", _D.gradient_predivide_factor,
                    "Divide gradients by this before the all-reduce sum and by "
                    "ranks/factor after it.")
+flags.DEFINE_bool("sparse_as_dense", _D.sparse_as_dense,
+                  "All-reduce sparse gradients (Embedding layers) as dense tensors. Always on "
+                  "with --backward_passes_per_step > 1 or --gradient_predivide_factor != 1, "
+                  "which Horovod cannot apply to sparse gradients.")
+flags.DEFINE_integer("max_skipped_updates", _D.max_skipped_updates,
+                     "mixed_float16: stop (exit 4) when this many consecutive weight updates "
+                     "were skipped for non-finite gradients at the minimum loss scale, "
+                     "which no lower scale can cure (0: never).")
 flags.DEFINE_float("label_smoothing", _D.label_smoothing, "Label smoothing of the loss.")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N epochs (and at the end).")
 flags.DEFINE_float("target_accuracy", _D.target_accuracy,

@@ -54,6 +54,8 @@ class TrainConfig:
     fp16_allreduce: bool = False
     backward_passes_per_step: int = 1
     gradient_predivide_factor: float = 1.0
+    sparse_as_dense: bool = False
+    max_skipped_updates: int = 100
     label_smoothing: float = 0.0
     eval_every: int = 1
     target_accuracy: float = 0.0
@@ -89,7 +91,8 @@ class TrainConfig:
         _positive_int("eval_every", self.eval_every)
         _positive_int("keep_checkpoints", self.keep_checkpoints)
         for flag in ("checkpoint_every", "stop_after_epoch", "intra_op_threads",
-                     "inter_op_threads", "check_replicas_every", "watchdog_sec"):
+                     "inter_op_threads", "check_replicas_every", "watchdog_sec",
+                     "max_skipped_updates"):
             _int_at_least(flag, getattr(self, flag), 0)
         if self.stop_after_epoch > self.epochs:
             raise ValueError(f"--stop_after_epoch={self.stop_after_epoch} exceeds "

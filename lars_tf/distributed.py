@@ -93,6 +93,7 @@ def wrap_optimizer(
     fp16_allreduce: bool = False,
     backward_passes_per_step: int = 1,
     gradient_predivide_factor: float = 1.0,
+    sparse_as_dense: bool | None = None,
 ) -> tf.keras.optimizers.Optimizer:
     """The distributed optimizer stack around a local optimizer (LARS)::
 
@@ -111,6 +112,11 @@ def wrap_optimizer(
     all-reduces their mean once; the loss scale then decides once per update.
     ``gradient_predivide_factor`` divides gradients by that factor before the sum and by
     ``size / factor`` after it (the same mean, another rounding).
+
+    ``sparse_as_dense`` all-reduces sparse gradients (``tf.IndexedSlices``, from an
+    ``Embedding``) as dense tensors, as Horovod's option of that name. ``None`` (the
+    default) turns it on exactly when accumulation or a predivide factor is used: Horovod
+    can do neither with sparse gradients (it raises), and otherwise all-gathers them.
     """
     if backward_passes_per_step < 1:
         raise ValueError(f"--backward_passes_per_step={backward_passes_per_step}: must be >= 1")
@@ -123,6 +129,8 @@ def wrap_optimizer(
         backward_passes_per_step=backward_passes_per_step,
         average_aggregated_gradients=True,
         gradient_predivide_factor=gradient_predivide_factor,
+        sparse_as_dense=needs_dense_gradients(backward_passes_per_step,
+                                              gradient_predivide_factor, sparse_as_dense),
     )
     helper = getattr(dist, "_agg_helper", None)
     is_update_step = None
@@ -133,15 +141,25 @@ def wrap_optimizer(
     return precision_lib.wrap_loss_scale(dist, precision, is_update_step=is_update_step)
 
 
+def needs_dense_gradients(backward_passes_per_step: int, gradient_predivide_factor: float,
+                          sparse_as_dense: bool | None = None) -> bool:
+    """Whether sparse gradients go through the all-reduce as dense tensors: as asked, or,
+    when not asked (``None``), whenever accumulation or a predivide factor is used."""
+    if sparse_as_dense is not None:
+        return bool(sparse_as_dense)
+    return backward_passes_per_step > 1 or gradient_predivide_factor != 1.0
+
+
 def broadcast_state(model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer) -> None:
-    """Give every rank rank 0's weights and optimizer state, before the first step."""
+    """Give every rank rank 0's complete state before the first step: every variable a
+    checkpoint of ``model`` and ``optimizer`` holds (weights, BatchNorm statistics,
+    optimizer slots and step counter, the loss scale and its good-step counter), so that
+    after a resume, which only rank 0 reads, no rank differs in anything."""
+    from lars_tf import checkpoint
+
     optimizer.build(model.trainable_variables)
-    variables = list(model.variables) + list(optimizer.variables)
-    inner = getattr(optimizer, "inner_optimizer", None)
-    if inner is not None:  # loss scaling: the inner optimizer's slots too
-        known = {id(v) for v in variables}
-        variables += [v for v in inner.variables if id(v) not in known]
-    hvd_tf.broadcast_variables(variables, root_rank=0)
+    hvd_tf.broadcast_variables(checkpoint.state_variables(model=model, optimizer=optimizer),
+                               root_rank=0)
 
 
 def allreduce_sum(values, name: str) -> np.ndarray:

@@ -77,6 +77,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> tf.keras.optim
         fp16_allreduce=config.fp16_allreduce,
         backward_passes_per_step=config.backward_passes_per_step,
         gradient_predivide_factor=config.gradient_predivide_factor,
+        sparse_as_dense=True if config.sparse_as_dense else None,
     )
 
 
@@ -159,6 +160,9 @@ class Trainer:
         meta = distributed.broadcast_object(meta, name="lars_tf.resume_meta")
         self.history = list(meta.get("history", []))
         distributed.broadcast_state(model, optimizer)
+        # The initial weights came from --seed (and now from rank 0); what is drawn from
+        # here on (dropout masks) comes from (seed, rank), so ranks draw differently.
+        tf.keras.utils.set_random_seed(data_lib.rank_seed(config.seed, world.rank))
         self.rank_settings = distributed.gather_object(distributed.rank_settings(),
                                                        name="lars_tf.rank_settings")
         if world.is_chief:
@@ -183,14 +187,17 @@ class Trainer:
         callbacks = [
             *([_StopOnNonFinite(world.rank, datasets.steps_per_epoch)]
               if config.precision != "mixed_float16" else []),
-            *([_CheckReplicas(config.check_replicas_every)]
+            *([_StopOnStuckLossScale(config.max_skipped_updates,
+                                     config.backward_passes_per_step, datasets.steps_per_epoch)]
+              if config.precision == "mixed_float16" and config.max_skipped_updates else []),
+            *([_CheckReplicas(config.check_replicas_every, optimizer)]
               if config.check_replicas_every else []),
             *([_Watchdog(config.watchdog_sec, world.rank)] if config.watchdog_sec else []),
             distributed.metric_average_callback(),
             _EpochTimer(config.global_batch_size * datasets.steps_per_epoch
                         // config.backward_passes_per_step),
             _AverageNonTrainable(),
-            _GlobalEval(datasets.eval, config.eval_every, config.epochs, num_classes),
+            _GlobalEval(datasets.eval, config.eval_every, end_epoch, num_classes),
             _SkippedRecords(datasets.skipped),
             tta,
             _LearningRate(optimizer),
@@ -250,6 +257,12 @@ class Trainer:
         if not steps_per_epoch:
             raise ValueError("Trainer.fit(train_ds): give steps_per_epoch (the same on every "
                              "rank), the number of batches of train_ds in one epoch")
+        k = config.backward_passes_per_step
+        if int(steps_per_epoch) % k:
+            raise ValueError(
+                f"Trainer.fit(steps_per_epoch={steps_per_epoch}): must be a multiple of "
+                f"--backward_passes_per_step={k}, so that every epoch ends on a weight update "
+                "(the schedule and the checkpoints count whole updates)")
         spec = train.element_spec[0]
         return data_lib.Datasets(
             train=train.repeat(), eval=eval, steps_per_epoch=int(steps_per_epoch),
@@ -415,35 +428,76 @@ class _Watchdog(tf.keras.callbacks.Callback):
 
 
 class _CheckReplicas(tf.keras.callbacks.Callback):
-    """Every ``every`` steps, all ranks compare checksums of every trainable variable (sum
-    and sum of squares, in float64, through one min and one max all-reduce); any difference
-    stops every rank at once, naming the first variable that differs."""
+    """Every ``every`` steps, all ranks compare checksums of every trainable variable and
+    of the optimizer's whole state (slots, step counter, loss scale) (sum and sum of squares,
+    in float64, through one min and one max all-reduce); any difference stops every rank at
+    once, naming the first variable that differs. BatchNorm's moving statistics are left
+    out: each rank updates them from its own batches until the epoch end averages them."""
 
-    def __init__(self, every: int):
+    def __init__(self, every: int, optimizer):
         super().__init__()
-        self.every = every
+        self.every, self.optimizer = every, optimizer
         self._steps, self._checksums = 0, None  # steps (backward passes) of this run
 
     def on_train_batch_end(self, batch, logs=None):
         self._steps += 1
         if self._steps % self.every:
             return
-        variables = self.model.trainable_variables
         if self._checksums is None:
+            variables = list(self.model.trainable_variables)
+            known = {id(v) for v in variables}
+            variables += [v for v in checkpoint.state_variables(optimizer=self.optimizer)
+                          if id(v) not in known]
+            self._variables = variables
+
             def checksums():
                 return tf.stack([s for v in variables for s in (
                     tf.reduce_sum(tf.cast(v, tf.float64)),
                     tf.reduce_sum(tf.square(tf.cast(v, tf.float64))))])
             self._checksums = tf.function(checksums)
+        variables = self._variables
         lo, hi = distributed.allreduce_min_max(self._checksums().numpy(),
                                                name="lars_tf.check_replicas")
         differ = np.nonzero(lo != hi)[0]
         if len(differ):
             v = variables[differ[0] // 2]
             raise ReplicasDiverged(
-                f"ranks hold different weights after step {self._steps}: first differing "
-                f"variable {v.name!r} (checksum {lo[differ[0]]!r} to {hi[differ[0]]!r} over "
-                f"ranks; {len(set(differ // 2))} of {len(variables)} variables differ)")
+                f"ranks hold different weights or optimizer state after step {self._steps}: "
+                f"first differing variable {v.name!r} (checksum {lo[differ[0]]!r} to "
+                f"{hi[differ[0]]!r} over ranks; {len(set(differ // 2))} of {len(variables)} "
+                "variables differ)")
+
+
+class _StopOnStuckLossScale(tf.keras.callbacks.Callback):
+    """mixed_float16: stop when ``limit`` consecutive weight updates were skipped at the
+    minimum loss scale (1). Dynamic loss scaling halves the scale on every overflow; at 1 it
+    cannot go lower, so gradients that are still non-finite there come from the model
+    (a NaN, a diverged run), and every further step would be skipped too: training nothing
+    forever. Raises ``FloatingPointError`` (``lars-train`` exits 4) naming the step."""
+
+    def __init__(self, limit: int, passes_per_update: int, steps_per_epoch: int):
+        super().__init__()
+        self.limit, self.k, self.steps_per_epoch = limit, passes_per_update, steps_per_epoch
+        self.epoch, self.skipped = 0, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (batch + 1) % self.k:
+            return  # not the end of an accumulation window: no update was decided
+        opt = self.model.optimizer
+        at_min = float(opt.loss_scale) <= 1.0 and int(opt.dynamic_counter) == 0
+        self.skipped = self.skipped + 1 if at_min else 0
+        if self.skipped >= self.limit:
+            step = self.epoch * self.steps_per_epoch + batch + 1
+            raise FloatingPointError(
+                f"the last {self.skipped} weight updates up to step {step} (epoch "
+                f"{self.epoch + 1}, batch {batch + 1}) were all skipped for non-finite "
+                "gradients at the minimum loss scale (1): the model itself produces Inf/NaN, "
+                "which no loss scale cures, so training stopped (--max_skipped_updates="
+                f"{self.limit}). Lower --learning_rate or raise --warmup_epochs, then resume "
+                "from the last checkpoint with --resume")
 
 
 class _EpochTimer(tf.keras.callbacks.Callback):

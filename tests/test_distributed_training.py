@@ -49,3 +49,51 @@ def test_two_ranks_end_with_identical_trained_weights(kind, extra, tmp_path):
     # one epoch of LARS on Fashion-MNIST is far above chance (10%)
     assert summary["final_test_accuracy"] > 0.6
     assert summary["images_per_sec"] > 0
+
+
+@pytest.mark.parametrize("precision, passes", [("mixed_float16", 1), ("fp32", 2)])
+def test_after_a_resume_every_rank_holds_rank_0s_complete_state(precision, passes, tmp_path):
+    """Only rank 0 reads the checkpoint; afterwards every variable it holds (model, optimizer,
+    and under mixed_float16 the loss scale 1024 and its 7 good steps, which Keras keeps out of
+    the optimizer's ``variables``) is equal on both ranks, and --check_replicas_every=1
+    finds the ranks identical on every step of the resumed epoch."""
+    cmd = ["python", "tests/workers/resume_state.py", str(tmp_path)]
+    run_job(launcher("gloo") + cmd + ["first", precision, str(passes)], timeout=240)
+    run_job(launcher("gloo") + cmd + ["resume", precision, str(passes)], timeout=240)
+    states = [dict(np.load(tmp_path / f"state_rank{r}.npz")) for r in range(2)]
+    assert states[0].keys() == states[1].keys() and len(states[0]) >= 10
+    for key in states[0]:
+        np.testing.assert_array_equal(states[1][key], states[0][key], err_msg=key)
+    scale = [k for k in states[0] if "current_loss_scale" in k]
+    good = [k for k in states[0] if "good_steps" in k]
+    if precision == "mixed_float16":
+        assert float(states[1][scale[0]]) == 1024.0 and int(states[1][good[0]]) == 7
+    else:
+        assert not scale and not good
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["resumed_from_epoch"] == 1 and summary["epochs_done"] == 2
+    step = [k for k in states[0] if k.endswith("iteration:0")]
+    assert int(states[1][step[0]]) == summary["steps_per_epoch"] == 29 * passes  # epoch 1
+
+
+def test_ranks_draw_different_dropout_masks_and_a_rerun_repeats_them(tmp_path):
+    masks = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        run_job(launcher("gloo") + ["python", "tests/workers/dropout_masks.py",
+                                    str(tmp_path / run)], timeout=240)
+        masks.append([np.load(tmp_path / run / f"kept_rank{r}.npy") for r in range(2)])
+    for rank in range(2):
+        np.testing.assert_array_equal(masks[1][rank], masks[0][rank])  # the same seed
+        assert 0.3 < masks[0][rank].mean() < 0.7  # dropout(0.5) ran
+    assert (masks[0][0] != masks[0][1]).mean() > 0.3  # independent draws differ ~half
+
+
+def test_embedding_gradients_with_accumulation_and_predivide(tmp_path):
+    """Sparse gradients (an Embedding) with 2 passes per update and predivide factor 2: Horovod
+    raised on both; sparse_as_dense is now on for them, and the ranks end identical."""
+    run_job(launcher("gloo") + ["python", "tests/workers/embedding.py", str(tmp_path)],
+            timeout=240)
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    for k in ranks[0].files:
+        np.testing.assert_array_equal(ranks[0][k], ranks[1][k], err_msg=k)

@@ -1,0 +1,51 @@
+"""Every rank's complete state right after a resume, through the Python API.
+
+    horovodrun -np 2 python tests/workers/resume_state.py MODEL_DIR first|resume PRECISION K
+
+``first`` trains epoch 1 of 2 and, under mixed_float16, sets the loss scale to 1024 with 7
+good steps before the checkpoint is written (a state unlike the initial 2^15 and 0).
+``resume`` continues with --check_replicas_every=1 and writes, on each rank, every variable
+that the checkpoint holds (model, optimizer, loss scale) as it is when training begins.
+"""
+
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+import lars_tf
+
+model_dir, phase, precision, k = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+config = lars_tf.TrainConfig(
+    model="mlp", epochs=2, global_batch_size=2048, learning_rate=2.0, warmup_epochs=0.5,
+    precision=precision, backward_passes_per_step=k, model_dir=model_dir, deterministic=True,
+    progress_bar=False, stop_after_epoch=1 if phase == "first" else 0,
+    resume=phase == "resume", check_replicas_every=1 if phase == "resume" else 0)
+
+
+class SetLossScale(tf.keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        scale = getattr(self.model.optimizer, "_loss_scale", None)
+        if scale is not None:  # on every rank alike, before rank 0's checkpoint
+            scale.current_loss_scale.assign(1024.0)
+            scale.counter.assign(7)
+
+
+class DumpState(tf.keras.callbacks.Callback):
+    def __init__(self, rank):
+        super().__init__()
+        self.rank = rank
+
+    def on_train_begin(self, logs=None):
+        # what a checkpoint of the two holds, walked here independently of lars_tf
+        root = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
+        state = [v for v in tf.train.TrackableView(root).descendants()
+                 if isinstance(v, tf.Variable)]
+        np.savez(f"{model_dir}/state_rank{self.rank}.npz",
+                 **{f"{i:03d} {v.name}": v.numpy() for i, v in enumerate(state)})
+
+
+world = lars_tf.init()
+tf.keras.utils.set_random_seed(100 + world.rank)  # different starts: only the broadcast unites
+lars_tf.Trainer(config).fit(
+    callbacks=[SetLossScale()] if phase == "first" else [DumpState(world.rank)])
