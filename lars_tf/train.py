@@ -110,7 +110,8 @@ class Trainer:
     >>> trainer = Trainer(TrainConfig(epochs=2, model_dir="runs/x"), model=my_model)
     >>> summary = trainer.fit()          # under: horovodrun -np 2 python script.py
 
-    ``model`` defaults to ``config.model`` from the registry. ``fit()`` reads
+    ``model`` defaults to ``config.model`` from the registry (built for
+    ``config.num_classes`` classes when you pass your own datasets). ``fit()`` reads
     ``config.dataset``; or pass ``fit(train_ds, eval_ds, steps_per_epoch=N)`` with this
     rank's batched ``tf.data`` datasets (the same N on every rank; ``eval_ds`` holds this
     rank's share of the eval examples). ``callbacks`` (Keras callbacks) run on every rank
@@ -264,10 +265,11 @@ class Trainer:
                 f"--backward_passes_per_step={k}, so that every epoch ends on a weight update "
                 "(the schedule and the checkpoints count whole updates)")
         spec = train.element_spec[0]
+        # a registered model (--model) built for these datasets gets --num_classes outputs
         return data_lib.Datasets(
             train=train.repeat(), eval=eval, steps_per_epoch=int(steps_per_epoch),
             train_examples=0, eval_examples=None,
-            input_shape=tuple(spec.shape[1:]), num_classes=0)
+            input_shape=tuple(spec.shape[1:]), num_classes=config.num_classes)
 
     def _summary(self, datasets, wall: float, tta, start_epoch: int, end_epoch: int) -> dict:
         config, world = self.config, self.world

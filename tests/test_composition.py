@@ -42,6 +42,38 @@ def test_split_batch_equals_one_big_batch(ranks, passes, one_process_big_batch, 
                 f"one process at batch {GLOBAL}")
 
 
+@pytest.mark.parametrize("options, reference, tolerance", [
+    (["predivide=2"], [], 1e-5),
+    (["precision=mixed_float16"], ["precision=mixed_float16"], 1e-2),
+    (["precision=mixed_float16", "fp16_allreduce=1", "predivide=2"],
+     ["precision=mixed_float16"], 1e-2),
+], ids=["predivide", "fp16", "fp16-allreduce-predivide"])
+def test_predivide_and_loss_scaling_keep_the_equivalence(options, reference, tolerance,
+                                                         tmp_path):
+    """2 ranks x 2 passes against one process at the same global batch: with
+    gradient_predivide_factor 2 (divide by 2 before the sum, by size/2 after) exactly as
+    fp32; the whole mixed_float16 stack (loss scaling around the all-reduce), with float32
+    or float16 on the wire, within 1% of one process in mixed_float16. (Float16 compute
+    rounds per-pass sums differently from one big batch; the error must also stay far below
+    how far training moved each weight.) Float16 on the wire takes the predivide factor:
+    without it the float16 sum of the scaled gradients overflows at the initial scale 2^15
+    and the loss scaling skips (here 2 of the 5 updates) until the scale is low enough."""
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    run_job(["python", "tests/workers/equivalence.py", str(ref_dir), str(GLOBAL), "1",
+             *reference])
+    ref, init = _weights(ref_dir / "rank0.npz"), _weights(ref_dir / "rank0.npz", "init")
+    run_job(launcher("gloo", 2) + ["python", "tests/workers/equivalence.py", str(tmp_path),
+                                   str(GLOBAL), "2", *options])
+    for r in range(2):
+        for i, (g, want, w0) in enumerate(zip(_weights(tmp_path / f"rank{r}.npz"), ref, init)):
+            moved, err = _rel_err(want, w0), _rel_err(g, want)
+            assert moved > 1e-3, f"weight {i} barely trained"
+            assert err < tolerance and err < 0.1 * moved, (
+                f"rank {r} weight {i}: relative difference {err:.2e} (training moved it "
+                f"{moved:.2e})")
+
+
 def _overflow_run(tmp_path, passes, bad_pass, *extra):
     run_job(launcher("gloo", 2) + ["python", "tests/workers/overflow.py", str(tmp_path),
                                    str(passes), str(bad_pass), *extra])
@@ -82,6 +114,8 @@ def test_overflow_inside_an_accumulation_window_skips_that_update(tmp_path):
     for r in range(2):  # the scale changes once, at the end of the poisoned window
         assert scales[r] == [2.0 ** 15] * 3 + [2.0 ** 14] * 5, f"rank {r}"
     w = weights[0]
+    init = [recs[0][f"init_w{i}"] for i in range(len(w[0]))]
     assert not _moved(w[2], w[1]) and not _moved(w[3], w[2])  # no update in window 2
-    assert not _moved(w[0], w[0]) and not _moved(w[4], w[3])  # mid-window passes: no update
+    # mid-window passes (0, 4, 6) leave the weights as they were before them
+    assert not _moved(w[0], init) and not _moved(w[4], w[3]) and not _moved(w[6], w[5])
     assert _moved(w[1], w[0]) and _moved(w[5], w[4]) and _moved(w[7], w[6])

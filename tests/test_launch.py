@@ -108,9 +108,6 @@ def fake_slurm(tmp_path):
                 PATH=f"{bin_dir}:{job_env()['PATH']}")
 
 
-@pytest.mark.skipif(subprocess.run(["sh", "-c", "command -v srun"],
-                                   capture_output=True).returncode == 0,
-                    reason="Slurm is here: the real-run tests below apply instead")
 def test_slurm_launcher_reads_the_allocation(tmp_path):
     env = fake_slurm(tmp_path)
     env_lines, command = dry_run("slurm.sbatch", "--", "--model=resnet50", **env)

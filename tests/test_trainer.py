@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -69,6 +70,11 @@ def test_custom_keras_model_through_the_python_api(tmp_path):
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
     for k in ranks[0].files:
         np.testing.assert_array_equal(ranks[0][k], ranks[1][k], err_msg=k)
+    # BatchNorm's moving statistics are the mean of the ranks' own, not one rank's
+    bn = [np.load(tmp_path / f"bn_rank{r}.npz") for r in range(2)]
+    assert not np.allclose(bn[0]["local"], bn[1]["local"])
+    np.testing.assert_allclose(bn[0]["final"], (bn[0]["local"] + bn[1]["local"]) / 2,
+                               rtol=1e-6)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["epochs_done"] == 2
     assert summary["final_test_accuracy"] > 0.7
@@ -142,3 +148,53 @@ def test_a_preset_fills_the_flags_not_given(tmp_path):
     assert "warmup_start_learning_rate" not in proc.stderr.split("changed from it:")[1] \
         .splitlines()[0]
     assert "its learning rate and warmup are only a starting point" in proc.stderr
+
+
+def test_skipped_updates_at_the_minimum_loss_scale_stop_the_run():
+    """A model that always gives NaN: the loss scale halves from 2^15 to 1 in 15 skipped
+    updates, and 5 more skipped at 1 stop the run with exit 4, naming the step (before,
+    it trained nothing for its whole length)."""
+    proc = run_job(["python", "tests/workers/nan_model.py", "5"], timeout=180, check=False)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert re.search(r"the last 5 weight updates up to step 19 \(epoch 2, batch 5\) were all "
+                     r"skipped .* minimum loss scale", proc.stderr), proc.stderr[-3000:]
+    proc = run_job(["python", "tests/workers/nan_model.py", "0"], timeout=180)  # 0: off
+    assert "training ended without stopping" in proc.stdout
+
+
+def test_a_registered_model_on_your_own_datasets():
+    """fit(train_ds) without a model builds --model for --num_classes classes (it was built
+    with 0 outputs, and oneDNN aborted the process)."""
+    script = ("import lars_tf, tensorflow as tf\n"
+              "config = lars_tf.TrainConfig(model='mlp', num_classes=10, global_batch_size=32, "
+              "epochs=1, warmup_epochs=0, progress_bar=False)\n"
+              "trainer = lars_tf.Trainer(config)\n"
+              "ds = tf.data.Dataset.from_tensors((tf.zeros([32, 28, 28, 1]), tf.ones([32])))\n"
+              "trainer.fit(ds, None, steps_per_epoch=3)\n"
+              "print('outputs', trainer.model.outputs[0].shape[-1])\n")
+    proc = run_job(["python", "-c", script], timeout=120)
+    assert "outputs 10" in proc.stdout
+
+
+def test_steps_per_epoch_must_hold_whole_accumulation_windows():
+    script = ("import lars_tf, tensorflow as tf\n"
+              "config = lars_tf.TrainConfig(model='mlp', global_batch_size=64, epochs=1, "
+              "warmup_epochs=0, backward_passes_per_step=2)\n"
+              "trainer = lars_tf.Trainer(config)\n"
+              "ds = tf.data.Dataset.from_tensors((tf.zeros([32, 28, 28, 1]), tf.zeros([32])))\n"
+              "trainer.fit(ds, None, steps_per_epoch=5)\n")
+    proc = run_job(["python", "-c", script], timeout=120, check=False)
+    assert proc.returncode != 0
+    assert ("steps_per_epoch=5): must be a multiple of --backward_passes_per_step=2"
+            in proc.stderr), proc.stderr[-2000:]
+
+
+def test_the_last_epoch_of_a_run_is_always_evaluated(tmp_path):
+    """--eval_every=2 with --stop_after_epoch=1: epoch 1 ends this run, so it is evaluated
+    (the summary reported no accuracy, or a stale one)."""
+    proc = _cli("--model=mlp", "--epochs=3", "--warmup_epochs=0.5", "--eval_every=2",
+                "--stop_after_epoch=1", f"--model_dir={tmp_path}", "--noprogress_bar")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["epochs_done"] == 1
+    assert summary["final_test_accuracy"] == summary["history"][0]["test_accuracy"] > 0.5

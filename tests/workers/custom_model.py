@@ -46,6 +46,20 @@ test = (tf.data.Dataset.from_tensor_slices((tx, ty)).shard(world.size, world.ran
 tf.keras.utils.set_random_seed(world.rank)  # different starts: the broadcast must fix them
 model = TinyNet()
 model.build((None, 28, 28, 1))
+
+
+class LocalBatchNormStats(tf.keras.callbacks.Callback):
+    """This rank's own BatchNorm moving statistics after each step; the last one is what the
+    epoch end averages over ranks."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.stats = [v.numpy() for v in model.norm.non_trainable_variables]
+
+
+local = LocalBatchNormStats()
 summary = lars_tf.Trainer(config, model=model).fit(train, test,
-                                                   steps_per_epoch=30000 // per_rank)
+                                                   steps_per_epoch=30000 // per_rank,
+                                                   callbacks=[local])
 np.savez(f"{out_dir}/rank{world.rank}.npz", *model.get_weights())
+np.savez(f"{out_dir}/bn_rank{world.rank}.npz", local=np.stack(local.stats),
+         final=np.stack([v.numpy() for v in model.norm.non_trainable_variables]))

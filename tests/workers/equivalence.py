@@ -1,6 +1,9 @@
 """One run of 5 weight updates at a fixed global batch, split over ranks and passes.
 
-    [horovodrun -np N] python tests/workers/equivalence.py OUT_DIR GLOBAL_BATCH PASSES
+    [horovodrun -np N] python tests/workers/equivalence.py OUT_DIR GLOBAL_BATCH PASSES [OPT=V]
+
+OPT=V: ``predivide=F`` (gradient_predivide_factor), ``precision=mixed_float16`` (the whole
+stack with dynamic loss scaling), ``fp16_allreduce=1`` (float16 on the wire).
 
 Update s uses the same global batch of Fashion-MNIST test images whatever the split: rank r's
 pass j takes rows [(r * PASSES + j) * b, ... + b) of it, b = GLOBAL_BATCH / (N * PASSES).
@@ -14,12 +17,16 @@ import tensorflow as tf
 
 import lars_tf
 from lars_tf import LARS, WarmupPolynomialDecay, distributed, models
+from lars_tf import precision as precision_lib
 from lars_tf.config import TrainConfig
 from lars_tf.data import fashion_mnist
 
 UPDATES = 5
 out_dir, global_batch, passes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+options = dict(arg.split("=", 1) for arg in sys.argv[4:])
+precision = options.get("precision", "fp32")
 world = lars_tf.init()
+precision_lib.set_policy(precision)
 b = global_batch // (world.size * passes)
 
 images, labels = fashion_mnist.load(TrainConfig().resolved_data_dir(), "test")
@@ -38,7 +45,9 @@ schedule = WarmupPolynomialDecay(peak_learning_rate=2.0, warmup_steps=2, total_s
                                  backward_passes_per_step=passes)
 optimizer = distributed.wrap_optimizer(
     LARS(learning_rate=schedule, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.01),
-    backward_passes_per_step=passes)
+    backward_passes_per_step=passes, precision=precision,
+    gradient_predivide_factor=float(options.get("predivide", 1.0)),
+    fp16_allreduce=options.get("fp16_allreduce") == "1")
 model.compile(optimizer=optimizer,
               loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 distributed.broadcast_state(model, optimizer)
@@ -47,4 +56,5 @@ model.fit(images[rows], labels[rows], batch_size=b, epochs=1, shuffle=False, ver
 assert int(optimizer.iterations.numpy()) == UPDATES * passes
 np.savez(f"{out_dir}/rank{world.rank}.npz",
          **{f"w{i}": w for i, w in enumerate(model.get_weights())},
-         **{f"init{i}": w for i, w in enumerate(initial)})
+         **{f"init{i}": w for i, w in enumerate(initial)},
+         loss_scale=float(getattr(optimizer, "loss_scale", 0.0)))

@@ -3,8 +3,8 @@
     horovodrun -np 2 python tests/workers/overflow.py OUT_DIR PASSES BAD_PASS [fp16_allreduce]
 
 Runs 4 weight updates (4 * PASSES backward passes); on pass BAD_PASS rank 1 multiplies its
-loss by inf. After every pass each rank records its weights and the loss scale in
-OUT_DIR/rank{r}.npz.
+loss by inf. Before the first pass (init_w*) and after every pass (p{pass}_w*) each rank
+records its weights, and the loss scale, in OUT_DIR/rank{r}.npz.
 """
 
 import sys
@@ -41,7 +41,7 @@ def train_pass(x, y, poison):
     optimizer.minimize(loss, model.trainable_variables, tape=tape)
 
 
-record = {}
+record = {f"init_w{i}": w.numpy() for i, w in enumerate(model.trainable_variables)}
 for p in range(4 * passes):
     lo = (p * 2 + world.rank) * batch
     x = (images[lo: lo + batch] / 255.0).astype(np.float32)
