@@ -207,6 +207,28 @@ def _bad_shards(root):
     return root
 
 
+def _damaged_shards(root):
+    """Real TFRecord shards whose train shard has one damaged byte in the middle (a record
+    whose CRC fails, as after bit rot or an interrupted copy)."""
+    import tensorflow as tf
+
+    root.mkdir()
+    jpeg = tf.io.encode_jpeg(tf.fill([40, 40, 3], tf.constant(90, tf.uint8))).numpy()
+    example = tf.train.Example(features=tf.train.Features(feature={
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[jpeg])),
+        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[1])),
+    })).SerializeToString()
+    for split in ("train", "validation"):
+        with tf.io.TFRecordWriter(str(root / f"{split}-00000-of-00001")) as w:
+            for _ in range(20):
+                w.write(example)
+    train = root / "train-00000-of-00001"
+    raw = bytearray(train.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    train.write_bytes(bytes(raw))
+    return root
+
+
 BAD_INPUT = [  # (flags, launcher, exit code, message)
     (["--global_batch_size=-8"], None, 2, "--global_batch_size=-8: must be an integer >= 1"),
     (["--global_batch_size=1000", "--backward_passes_per_step=3"], "gloo", 2,
@@ -216,6 +238,10 @@ BAD_INPUT = [  # (flags, launcher, exit code, message)
      "--data_dir='/no/such/imagenet' is not a directory"),
     (["--dataset=imagenet", "--data_dir={shards}", "--strict_data"], None, 3,
      "train-00000-of-00001"),
+    (["--dataset=imagenet", "--data_dir={damaged}", "--strict_data", "--num_classes=2"], None,
+     3, "train-00000-of-00001: damaged or truncated TFRecord file, readable up to byte offset"),
+    (["--dataset=imagenet", "--data_dir={damaged}", "--strict_data", "--num_classes=2"],
+     "gloo", 3, "train-00000-of-00001: damaged or truncated TFRecord file"),
     (["--checkpoint_every=-1"], None, 2, "--checkpoint_every=-1"),
     (["--corrupt_latest"], None, 2, "checkpoints/epoch-000002 cannot be restored"),
 ]
@@ -233,17 +259,36 @@ def test_bad_input_fails_clearly_and_leaves_checkpoints_untouched(
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
         flags = []
     before = _tree_digest(model_dir)
-    flags = [f.format(shards=_bad_shards(tmp_path / "shards")) if "{shards}" in f else f
+    flags = [f.format(shards=_bad_shards(tmp_path / "shards")) if "{shards}" in f else
+             f.format(damaged=_damaged_shards(tmp_path / "damaged")) if "{damaged}" in f else f
              for f in flags]
     cmd = ["lars-train", "--model=mlp", f"--model_dir={model_dir}", "--resume",
            "--noprogress_bar", *flags]
     cmd = launcher(kind) + cmd if kind else [str(BIN / cmd[0]), *cmd[1:]]
     proc = run_job(cmd, timeout=120, check=False)
-    # horovodrun exits 1 whatever the rank's code; alone, lars-train's own code shows
+    # horovodrun exits 1 whatever the rank's code (it names the rank's code); alone,
+    # lars-train's own code shows
     assert proc.returncode == (1 if kind else code), proc.stderr[-3000:]
+    if kind:
+        assert f"exit with status code {code}" in proc.stdout + proc.stderr
     assert message in proc.stdout + proc.stderr, proc.stderr[-3000:]
     assert "epoch   1" not in proc.stderr
     assert _tree_digest(model_dir) == before
+
+
+def test_a_damaged_shard_without_strict_data_trains_on_and_names_it(tmp_path):
+    """A record whose CRC fails in the middle of a shard: the run counts the records before
+    the damage, trains on them, and names the file and byte offset (it ended the job, with
+    TensorFlow's "corrupted record at N" from the record count, naming no file)."""
+    shards = _damaged_shards(tmp_path / "damaged")
+    proc = run_job([str(BIN / "lars-train"), "--dataset=imagenet", f"--data_dir={shards}",
+                    "--num_classes=2", "--image_size=32", "--model=mlp", "--epochs=1",
+                    "--warmup_epochs=0", "--global_batch_size=4", "--noprogress_bar",
+                    f"--model_dir={tmp_path / 'run'}"], timeout=120)
+    assert re.search(r"train-00000-of-00001: damaged or truncated TFRecord file, readable up "
+                     r"to byte offset \d+ of \d+ \(\d+ records before it\)", proc.stderr)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 < summary["steps_per_epoch"] < 5 and summary["epochs_done"] == 1
 
 
 def test_model_dir_that_is_a_file_is_refused(tmp_path):
