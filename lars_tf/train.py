@@ -165,7 +165,8 @@ class Trainer:
             if error:
                 raise ValueError(error)
             return data_lib.build(config, world.rank, world.size, initial_epoch=start_epoch,
-                                  threads=distributed.threads_per_rank(world.local_size))
+                                  threads=distributed.threads_per_rank(world.local_size),
+                                  dtype=precision_lib.compute_dtype(config.precision))
         if isinstance(train, data_lib.Datasets):
             return train
         if not steps_per_epoch:
