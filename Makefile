@@ -11,7 +11,7 @@ TRAIN_FLAGS ?= --model=small_cnn --dataset=fashion_mnist --global_batch_size=409
 	--epochs=30 --optimizer=lars --learning_rate=3.0 --warmup_epochs=3 \
 	--weight_decay=5e-4 --model_dir=runs/fashion_mnist_lars_4k
 
-.PHONY: setup train test lint bench clean
+.PHONY: setup train test test-fast lint bench clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -21,6 +21,10 @@ train: setup
 
 test: setup
 	python -m pytest tests
+
+# The inner loop: every test that starts no other process (no Horovod job), in about 2 minutes.
+test-fast: setup
+	python -m pytest tests -m "not multiprocess"
 
 # Benchmarks write benchmarks/RESULTS.md (and raw JSON + plots in benchmarks/results/).
 # Model Garden (the LARS baseline) is installed here only, without its dependencies: the

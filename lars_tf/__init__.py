@@ -29,10 +29,14 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # The trainer imports Horovod; load it only when asked, so that LARS and the schedules
     # work in a plain TensorFlow process.
-    if name in ("Trainer", "build_optimizer"):
+    if name == "Trainer":
         from lars_tf import train
 
-        return getattr(train, name)
+        return train.Trainer
+    if name == "build_optimizer":
+        from lars_tf import build
+
+        return build.build_optimizer
     if name == "init":
         from lars_tf import distributed
 

@@ -15,7 +15,7 @@ from lars_tf.config import (
     TrainConfig,
     check_model_dir,
 )
-from lars_tf.schedules import PRESETS
+from lars_tf.presets import PRESETS
 
 _D = TrainConfig()
 FLAGS = flags.FLAGS
@@ -155,7 +155,7 @@ def run_with_exit_codes(config, fit) -> None:
     or diverged replicas, 5 another rank was lost (the watchdog exits with 6 itself)."""
     import tensorflow as tf
 
-    from lars_tf.train import ReplicasDiverged
+    from lars_tf.callbacks import ReplicasDiverged
 
     try:
         fit()

@@ -6,6 +6,9 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from lars_tf.presets import preset
+from lars_tf.validation import check_number
+
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DATA_DIR_ENV = "LARS_TF_DATA_DIR"
 
@@ -75,32 +78,28 @@ class TrainConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> TrainConfig:
-        """The published preset ``name`` (``lars_tf.schedules.PRESETS``), with ``overrides``
+        """The published preset ``name`` (``lars_tf.presets.PRESETS``), with ``overrides``
         on top: ``TrainConfig.from_preset("resnet50-32k", data_dir="/data/imagenet")``."""
-        from lars_tf.schedules import preset
-
         return cls(**{**preset(name).values, **overrides, "preset": name})
 
     def __post_init__(self):
-        _positive_int("global_batch_size", self.global_batch_size)
+        check_number("--global_batch_size", self.global_batch_size, lo=1, integer=True)
         for flag in ("image_size", "num_classes", "shuffle_buffer"):
-            _positive_int(flag, getattr(self, flag))
+            check_number(f"--{flag}", getattr(self, flag), lo=1, integer=True)
         for flag in ("label_offset", "train_examples"):
-            _int_at_least(flag, getattr(self, flag), 0)
-        _positive_int("epochs", self.epochs)
-        _positive_int("eval_every", self.eval_every)
-        _positive_int("keep_checkpoints", self.keep_checkpoints)
+            check_number(f"--{flag}", getattr(self, flag), lo=0, integer=True)
+        check_number("--epochs", self.epochs, lo=1, integer=True)
+        check_number("--eval_every", self.eval_every, lo=1, integer=True)
+        check_number("--keep_checkpoints", self.keep_checkpoints, lo=1, integer=True)
         for flag in ("checkpoint_every", "stop_after_epoch", "intra_op_threads",
                      "inter_op_threads", "check_replicas_every", "watchdog_sec",
                      "max_skipped_updates"):
-            _int_at_least(flag, getattr(self, flag), 0)
+            check_number(f"--{flag}", getattr(self, flag), lo=0, integer=True)
         if self.stop_after_epoch > self.epochs:
             raise ValueError(f"--stop_after_epoch={self.stop_after_epoch} exceeds "
                              f"--epochs={self.epochs}")
-        _number("label_smoothing", self.label_smoothing, lo=0.0)
-        if self.label_smoothing >= 1.0:
-            raise ValueError(f"--label_smoothing={self.label_smoothing}: must be in [0, 1)")
-        _number("target_accuracy", self.target_accuracy, lo=0.0)
+        check_number("--label_smoothing", self.label_smoothing, lo=0.0, hi=1.0, hi_open=True)
+        check_number("--target_accuracy", self.target_accuracy, lo=0.0)
         if self.target_accuracy > 1.0:
             raise ValueError(f"--target_accuracy={self.target_accuracy}: must be in [0, 1] "
                              "(a fraction, e.g. 0.9)")
@@ -108,32 +107,30 @@ class TrainConfig:
             raise ValueError("--resume needs --model_dir (where the checkpoints are)")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer={self.optimizer!r}: must be one of {OPTIMIZERS}")
-        _number("learning_rate", self.learning_rate, lo_open=0.0)
-        _number("warmup_epochs", self.warmup_epochs, lo=0.0)
-        _number("warmup_start_learning_rate", self.warmup_start_learning_rate, lo=0.0)
+        check_number("--learning_rate", self.learning_rate, lo=0.0, lo_open=True)
+        check_number("--warmup_epochs", self.warmup_epochs, lo=0.0)
+        check_number("--warmup_start_learning_rate", self.warmup_start_learning_rate, lo=0.0)
         if self.warmup_start_learning_rate > self.learning_rate:
             raise ValueError(f"--warmup_start_learning_rate={self.warmup_start_learning_rate} "
                              f"exceeds --learning_rate={self.learning_rate}")
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"--warmup_epochs={self.warmup_epochs} exceeds "
                              f"--epochs={self.epochs}")
-        _number("poly_power", self.poly_power, lo_open=0.0)
-        _number("end_learning_rate", self.end_learning_rate, lo=0.0)
+        check_number("--poly_power", self.poly_power, lo=0.0, lo_open=True)
+        check_number("--end_learning_rate", self.end_learning_rate, lo=0.0)
         if self.end_learning_rate > self.learning_rate:
             raise ValueError(f"--end_learning_rate={self.end_learning_rate} exceeds "
                              f"--learning_rate={self.learning_rate}")
-        _number("momentum", self.momentum, lo=0.0)
-        if self.momentum >= 1.0:
-            raise ValueError(f"--momentum={self.momentum}: must be in [0, 1)")
-        _number("weight_decay", self.weight_decay, lo=0.0)
-        _number("trust_coefficient", self.trust_coefficient, lo_open=0.0)
+        check_number("--momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
+        check_number("--weight_decay", self.weight_decay, lo=0.0)
+        check_number("--trust_coefficient", self.trust_coefficient, lo=0.0, lo_open=True)
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision={self.precision!r}: must be one of {PRECISIONS}")
-        _positive_int("backward_passes_per_step", self.backward_passes_per_step)
-        _number("gradient_predivide_factor", self.gradient_predivide_factor, lo_open=0.0)
+        check_number("--backward_passes_per_step", self.backward_passes_per_step, lo=1,
+                     integer=True)
+        check_number("--gradient_predivide_factor", self.gradient_predivide_factor, lo=0.0,
+                     lo_open=True)
         if self.preset:
-            from lars_tf.schedules import preset
-
             preset(self.preset)  # raises naming --preset if unknown
         if self.model_dir is not None and os.path.exists(self.model_dir) \
                 and not os.path.isdir(self.model_dir):
@@ -155,25 +152,6 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
-
-
-def _positive_int(flag: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"--{flag}={value!r}: must be an integer >= 1")
-
-
-def _int_at_least(flag: str, value, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"--{flag}={value!r}: must be an integer >= {lo}")
-
-
-def _number(flag: str, value, lo=None, lo_open=None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ValueError(f"--{flag}={value!r}: must be a number")
-    if lo is not None and value < lo:
-        raise ValueError(f"--{flag}={value!r}: must be >= {lo}")
-    if lo_open is not None and value <= lo_open:
-        raise ValueError(f"--{flag}={value!r}: must be > {lo_open}")
 
 
 def check_model_dir(config: TrainConfig) -> None:

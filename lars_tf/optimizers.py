@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 import re
 from collections.abc import Sequence
 
 import tensorflow as tf
+
+from lars_tf.validation import check_number
 
 # Biases and normalisation scales/offsets: Keras names them `.../bias:0`, `.../gamma:0`,
 # `.../beta:0` (BatchNormalization, LayerNormalization, GroupNormalization).
@@ -61,10 +62,12 @@ class LARS(tf.keras.optimizers.Optimizer):
     Usage:
 
     >>> opt = LARS(learning_rate=0.1, momentum=0.9, weight_decay=1e-4)
-    >>> w = tf.Variable([3.0, 4.0], name="dense/kernel:0")
-    >>> opt.apply_gradients([(tf.constant([0.6, 0.8]), w)])
-    >>> # ||w|| = 5, ||g|| = 1: trust = 0.001 * 5 / (1 + 1e-4 * 5)
-    >>> # w - 0.1 * trust * (g + 1e-4 * w)
+    >>> w = tf.Variable([3.0, 4.0], name="dense/kernel")
+    >>> _ = opt.apply_gradients([(tf.constant([0.6, 0.8]), w)])
+    >>> # ||w|| = 5, ||g|| = 1: trust = 0.001 * 5 / (1 + 1e-4 * 5) = 0.0049975, so the
+    >>> # step is 0.1 * trust * (g + 1e-4 * w) = [0.0003, 0.0004]
+    >>> w.numpy()
+    array([2.9997, 3.9996], dtype=float32)
 
     Args:
         learning_rate: float or ``tf.keras.optimizers.schedules.LearningRateSchedule``.
@@ -107,17 +110,17 @@ class LARS(tf.keras.optimizers.Optimizer):
                 "||w|| whatever the gradient's size, which undoes any clipping before it. "
                 "LARS already bounds each layer's step relative to its weights; lower "
                 "trust_coefficient or the learning rate for smaller steps")
-        _check_number("momentum", momentum, lo=0.0, hi=1.0, hi_open=True)
-        _check_number("weight_decay", weight_decay, lo=0.0)
-        _check_number("trust_coefficient", trust_coefficient, lo=0.0, lo_open=True)
-        _check_number("epsilon", epsilon, lo=0.0)
+        check_number("LARS momentum", momentum, lo=0.0, hi=1.0, hi_open=True)
+        check_number("LARS weight_decay", weight_decay, lo=0.0)
+        check_number("LARS trust_coefficient", trust_coefficient, lo=0.0, lo_open=True)
+        check_number("LARS epsilon", epsilon, lo=0.0)
         if not isinstance(learning_rate, tf.keras.optimizers.schedules.LearningRateSchedule):
             if callable(learning_rate):
                 raise ValueError(
                     "LARS: learning_rate must be a float or a LearningRateSchedule, "
                     f"got {learning_rate!r}"
                 )
-            _check_number("learning_rate", learning_rate, lo=0.0, lo_open=True)
+            check_number("LARS learning_rate", learning_rate, lo=0.0, lo_open=True)
         if trust_ratio_mode not in TRUST_RATIO_MODES:
             raise ValueError(
                 f"LARS: trust_ratio_mode must be one of {TRUST_RATIO_MODES}, "
@@ -269,17 +272,3 @@ def _compile(arg: str, patterns: Sequence[str] | None) -> tuple[re.Pattern, ...]
 
 def _matches(patterns: Sequence[re.Pattern], name: str) -> bool:
     return any(p.search(name) for p in patterns)
-
-
-def _check_number(arg, value, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"LARS: {arg} must be a number, got {value!r}")
-    bad = (
-        (lo is not None and (value < lo or (lo_open and value == lo)))
-        or (hi is not None and (value > hi or (hi_open and value == hi)))
-        or value != value  # NaN
-    )
-    if bad:
-        lo_s = "" if lo is None else ("(" if lo_open else "[") + str(lo)
-        hi_s = "inf)" if hi is None else str(hi) + (")" if hi_open else "]")
-        raise ValueError(f"LARS: {arg} must be in {lo_s}, {hi_s}, got {value!r}")

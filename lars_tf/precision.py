@@ -39,6 +39,14 @@ def set_policy(precision: str) -> tf.keras.mixed_precision.Policy:
     return policy
 
 
+def compute_dtype(precision: str) -> tf.DType:
+    """The dtype a model computes in under ``precision`` (its inputs' dtype)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision={precision!r}: must be one of {PRECISIONS}")
+    return {"fp32": tf.float32, "mixed_float16": tf.float16,
+            "mixed_bfloat16": tf.bfloat16}[precision]
+
+
 def needs_loss_scaling(precision: str) -> bool:
     """float16 has 5 exponent bits and needs loss scaling; bfloat16 has float32's range."""
     return precision == "mixed_float16"

@@ -90,3 +90,23 @@ def rank_pids(root_pid: int) -> dict[int, int]:
         if rank is not None and comm not in (b"sh", b"bash", b"env"):
             found[int(rank)] = pid
     return found
+
+
+# What starts another process: a Horovod job, lars-train, lars-convert or a worker script.
+_STARTS_A_PROCESS = ("run_job(", "subprocess.", "_cli(", "_train(", "start(")
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test whose body starts another process ``multiprocess``, so that
+    ``make test-fast`` (``-m "not multiprocess"``) runs the in-process tests alone. Read
+    from the test's source, so that a new test is marked without anyone remembering to."""
+    import inspect
+
+    for item in items:
+        function = getattr(item, "function", None)
+        try:
+            source = inspect.getsource(function) if function else ""
+        except (OSError, TypeError):
+            continue
+        if any(s in source for s in _STARTS_A_PROCESS):
+            item.add_marker(pytest.mark.multiprocess)

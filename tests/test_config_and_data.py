@@ -115,3 +115,20 @@ def test_batch_larger_than_dataset():
     config = TrainConfig(global_batch_size=70000, data_dir=FMNIST)
     with pytest.raises(ValueError, match="--global_batch_size=70000"):
         data_lib.build(config, 0, 1)
+
+
+@pytest.mark.parametrize("value, kwargs, message", [
+    (0, dict(lo=1, integer=True), "--n=0: must be an integer >= 1"),
+    (2.0, dict(lo=1, integer=True), "--n=2.0: must be an integer"),
+    (True, dict(lo=0), "--n=True: must be a number"),
+    (float("nan"), dict(lo=0), "--n=nan: must be a number"),
+    (0.0, dict(lo=0, lo_open=True), "--n=0.0: must be > 0"),
+    (1.0, dict(lo=0, hi=1, hi_open=True), r"--n=1.0: must be in \[0, 1\)"),
+    (0, dict(hi=0, hi_open=True), "--n=0: must be < 0"),
+])
+def test_one_validation_helper_names_what_is_at_fault(value, kwargs, message):
+    from lars_tf.validation import check_number
+
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        check_number("--n", value, **kwargs)
+    check_number("--n", 1 if kwargs.get("integer") else 0.5, lo=0, hi=1)  # in range: silent

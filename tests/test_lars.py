@@ -244,3 +244,14 @@ def test_saved_models_load_without_custom_objects(wrap, tmp_path):
         out = run_job(["python", "tests/workers/save_load.py", "load",
                        str(tmp_path / f"model.{fmt}")], timeout=120).stdout
         assert "loaded lars_tf.optimizers 2" in out, (fmt, out)
+
+
+def test_docstring_examples_run():
+    """The usage examples in LARS' and the schedule's docstrings, as doctests."""
+    import doctest
+
+    from lars_tf import optimizers, schedules
+
+    for module in (optimizers, schedules):
+        result = doctest.testmod(module, extraglobs={"tf": tf}, optionflags=doctest.ELLIPSIS)
+        assert result.attempted >= 3 and result.failed == 0, (module.__name__, result)

@@ -71,7 +71,7 @@ def test_zero_init_residual_and_unknown_model():
 
 
 def test_zero_init_residual_from_the_config():
-    from lars_tf.train import build_model
+    from lars_tf.build import build_model
 
     # the resnet50 presets ask for it, as their source network does; the default does not
     preset = build_model(TrainConfig.from_preset("resnet50-8k"), (64, 64, 3), 10)

@@ -72,7 +72,7 @@ def test_warmup_can_start_above_zero():
 ])
 def test_alexnet_presets_reproduce_the_source_warmup(name, iterations, peak):
     from lars_tf import TrainConfig
-    from lars_tf.train import build_schedule
+    from lars_tf.build import build_schedule
 
     config = TrainConfig.from_preset(name)
     assert config.preset == name and config.model == "alexnet_bn"
@@ -85,7 +85,7 @@ def test_alexnet_presets_reproduce_the_source_warmup(name, iterations, peak):
 
 def test_presets_are_valid_configs_and_flags_win():
     from lars_tf import TrainConfig
-    from lars_tf.schedules import PRESETS
+    from lars_tf.presets import PRESETS
 
     assert {"resnet50-8k", "resnet50-16k", "resnet50-32k"} <= set(PRESETS)
     for name, p in PRESETS.items():
@@ -108,7 +108,7 @@ def test_presets_are_valid_configs_and_flags_win():
 ])
 def test_resnet50_presets_follow_the_source_schedule(name, peak, warmup_epochs, source_steps):
     from lars_tf import TrainConfig
-    from lars_tf.train import build_schedule
+    from lars_tf.build import build_schedule
 
     config = TrainConfig.from_preset(name)
     batch = config.global_batch_size

@@ -6,6 +6,9 @@ import gzip
 import os
 
 import numpy as np
+import tensorflow as tf
+
+from lars_tf.data.pipeline import Datasets, epoch_permutations, steps_per_epoch
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -64,3 +67,56 @@ def load(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{data_dir}/{label_stem}: record {bad} has label {labels[bad]}, "
                          f"outside [0, {NUM_CLASSES})")
     return images[..., None], labels.astype(np.int32)
+
+
+def _normalize(images: tf.Tensor) -> tf.Tensor:
+    return (tf.cast(images, tf.float32) / 255.0 - MEAN) / STD
+
+
+def normalize(images: tf.Tensor) -> tf.Tensor:
+    """uint8 pixels -> float32 ``(x / 255 - MEAN) / STD`` (the model casts to its compute
+    dtype: these images are small)."""
+    return (tf.cast(images, tf.float32) / 255.0 - MEAN) / STD
+
+
+def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int) -> Datasets:
+    """Example-level shards of the idx files in ``config.resolved_data_dir()``; each
+    epoch's order is a pure function of (seed, rank, epoch)."""
+    data_dir = config.resolved_data_dir()
+    batch = config.per_rank_batch_size(size)
+    images, labels = load(data_dir, "train")
+    test_images, test_labels = load(data_dir, "test")
+
+    # Example-level shard (one in-memory source): rank r takes examples r, r+size, ...
+    # Every rank runs the same number of steps, set by the smallest shard.
+    steps = steps_per_epoch(config, len(labels), size)
+    shard_x = tf.constant(images[rank::size])
+    shard_y = tf.constant(labels[rank::size])
+    n = int(shard_y.shape[0])
+
+    # Shuffle indices, not images: a seeded permutation per epoch, cut into `steps` batches,
+    # then one vectorised gather + normalise per batch.
+    train = (
+        epoch_permutations(n, config.seed, rank, initial_epoch)
+        .flat_map(lambda perm: tf.data.Dataset.from_tensor_slices(
+            tf.reshape(perm[: steps * batch], [steps, batch])))
+        .map(lambda idx: (normalize(tf.gather(shard_x, idx)), tf.gather(shard_y, idx)),
+             num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    eval_x, eval_y = test_images[rank::size], test_labels[rank::size]
+    evaluation = (
+        tf.data.Dataset.from_tensor_slices((eval_x, eval_y))
+        .batch(eval_batch_size)
+        .map(lambda x, y: (normalize(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    return Datasets(
+        train=train,
+        eval=evaluation,
+        steps_per_epoch=steps,
+        train_examples=len(labels),
+        eval_examples=len(eval_y),
+        input_shape=IMAGE_SHAPE,
+        num_classes=NUM_CLASSES,
+    )

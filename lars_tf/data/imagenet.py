@@ -16,7 +16,16 @@ import sys
 import tensorflow as tf
 from absl import logging
 
-from lars_tf.data import preprocessing
+from lars_tf.data.pipeline import (
+    Datasets,
+    checked,
+    drop_flag,
+    eval_batches,
+    is_ok,
+    rank_seed,
+    steps_per_epoch,
+    train_batches,
+)
 
 SPLIT_PATTERNS = {"train": "train-*-of-*", "validation": "validation-*-of-*"}
 _BOX = ("ymin", "xmin", "ymax", "xmax")
@@ -232,56 +241,6 @@ def records(files, deterministic: bool, cycle_length: int = 16, strict: bool = F
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
 
-def checked(skipped: tf.Variable, strict: bool):
-    """The per-record JPEG check, run inside the parallel parse map: returns the record
-    plus an ``ok`` flag for a cheap ``filter`` after it. A corrupt JPEG (structural check)
-    is reported on stderr with its file and index and counted in ``skipped`` (``ok``
-    False), or with ``strict`` fails naming them. Labels are checked by ``label_checked``,
-    after any error skipping, so that no skip can swallow a bad label."""
-    def check(image_bytes, label, bbox, path, index):
-        valid = preprocessing.is_valid_jpeg(image_bytes)
-        if strict:
-            with tf.control_dependencies([tf.debugging.Assert(valid, [tf.strings.join([
-                    "corrupt JPEG in ", path, " record ", tf.strings.as_string(index),
-                    " (--strict_data)"])])]):
-                return tf.identity(image_bytes), label, bbox, path, index, valid
-
-        def report():
-            tf.print("lars_tf: skipping corrupt JPEG in", path, "record", index,
-                     output_stream=sys.stderr)
-            skipped.assign_add(1)
-            return tf.constant(False)
-
-        ok = tf.cond(valid, lambda: tf.constant(True), report)
-        return image_bytes, label, bbox, path, index, ok
-
-    return check
-
-
-def label_checked(num_classes: int):
-    """``(image, label, path, index) -> (image, label)``, failing with an
-    ``InvalidArgumentError`` that names the file and record when the label is outside
-    ``[0, num_classes)``: a wrong ``--label_offset`` or ``--num_classes`` always stops the
-    run. Place it after any ``ignore_errors``."""
-    def check(image, label, path, index):
-        in_range = tf.logical_and(label >= 0, label < num_classes)
-        with tf.control_dependencies([tf.debugging.Assert(in_range, [tf.strings.join([
-                "label out of range in ", path, " record ", tf.strings.as_string(index),
-                " label ", tf.strings.as_string(label),
-                f" (not in [0, --num_classes={num_classes}); check --label_offset)"])])]):
-            return tf.identity(image), label
-
-    return check
-
-
-def drop_flag(*record):
-    return record[:-1]
-
-
-def is_ok(*record):
-    return record[-1]
-
-
 def log_sharding(rank: int, files: int, size: int, split: str) -> None:
     if rank == 0:
         left = files % size
@@ -289,3 +248,75 @@ def log_sharding(rank: int, files: int, size: int, split: str) -> None:
                f"file level, {left} files split by record" if files >= size else
                "record level (fewer files than ranks)")
         logging.info("%s: %d files over %d ranks, sharded at the %s", split, files, size, how)
+
+
+def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int,
+          dtype: tf.DType) -> Datasets:
+    """This rank's train and eval datasets of the shards in ``config.data_dir``."""
+    data_dir = config.data_dir
+    if not data_dir:
+        raise ValueError("--dataset=imagenet needs --data_dir (a folder of train-* and "
+                         "validation-* TFRecord shards)")
+    files = split_files(data_dir, "train")
+    eval_files = split_files(data_dir, "validation")
+    check_labels(files + eval_files, config.num_classes, config.label_offset,
+                          strict=config.strict_data)
+    examples = config.train_examples or count_records(files, config.strict_data)
+    steps = steps_per_epoch(config, examples, size)
+    batch, det = config.per_rank_batch_size(size), config.deterministic
+    skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
+    check = checked(skipped, config.strict_data)
+    sizes = size_table(files + eval_files)
+
+    def parsed(paths, assignment, deterministic):
+        """This rank's records of ``paths`` (a tensor, in the epoch's order), parsed and
+        checked in parallel; the filter after the check only reads a flag."""
+        positions, strides, offsets = (list(c) for c in zip(*assignment)) if assignment \
+            else ([], [], [])
+        return (records(tf.gather(paths, tf.constant(positions, tf.int64)),
+                                 deterministic, strict=config.strict_data, skipped=skipped,
+                                 sizes=sizes, strides=strides, offsets=offsets)
+                .map(lambda r, p, i: check(*parse(r, config.label_offset), p, i),
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+                .filter(is_ok).map(drop_flag))
+
+    # Every epoch, all ranks order the files alike (seeded by (seed, epoch)) and split them
+    # with file_assignment, so each record is read by exactly one rank per epoch. Each rank
+    # shuffles its records within the epoch from (seed, rank, epoch) and takes exactly
+    # `steps` batches of them, so epoch e's stream depends only on (seed, rank, e): a
+    # resumed run reads what an uninterrupted one would.
+    mine = file_assignment(len(files), rank, size)
+    log_sharding(rank, len(files), size, "train")
+    files_t = tf.constant(files)
+    seed = rank_seed(config.seed, rank)
+    if config.cache:  # parse once; this rank's records (a fixed split) stay in memory
+        cached = parsed(files_t, mine, det).cache()
+
+        def epoch_records(e):
+            return cached
+    else:
+        def epoch_records(e):
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(len(files), dtype=tf.int64),
+                seed=tf.stack([tf.constant(config.seed, tf.int64), e]))
+            return parsed(tf.gather(files_t, order), mine, det)
+
+    def epoch(e):
+        # tf.data would mix the global seed (the same on every rank, and a tensor seed
+        # cannot be combined with a global seed of 0) into the shuffle's seeds; clearing it
+        # in this function's graph leaves the shuffle to (seed, rank, epoch) alone
+        tf.compat.v1.get_default_graph().seed = None
+        records = epoch_records(e).shuffle(config.shuffle_buffer, seed=seed * 7919 + e,
+                                           reshuffle_each_iteration=False)
+        return records.take(steps * batch).enumerate().map(
+            lambda k, rec: (*rec, tf.stack([tf.constant(seed, tf.int64), e * 2 ** 32 + k])))
+
+    train = train_batches(tf.data.Dataset.range(initial_epoch, 2 ** 62).flat_map(epoch),
+                          config, batch, dtype)
+    evaluation = eval_batches(
+        parsed(tf.constant(eval_files), file_assignment(len(eval_files), rank, size),
+               True), config, eval_batch_size, dtype)
+    return Datasets(train=train, eval=evaluation, steps_per_epoch=steps,
+                    train_examples=examples, eval_examples=None,
+                    input_shape=(config.image_size, config.image_size, 3),
+                    num_classes=config.num_classes, skipped=skipped)

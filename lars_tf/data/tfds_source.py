@@ -10,6 +10,17 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from lars_tf.data.pipeline import (
+    Datasets,
+    checked,
+    drop_flag,
+    eval_batches,
+    is_ok,
+    rank_seed,
+    steps_per_epoch,
+    train_batches,
+)
+
 PREFIX = "tfds:"
 
 
@@ -72,8 +83,6 @@ def records(config, split: str, rank: int, size: int, training: bool) -> tf.data
     ``(serialized-like tuple): (jpeg_bytes, label, bbox, origin, index)``."""
     import tensorflow_datasets as tfds
 
-    from lars_tf.data import rank_seed
-
     builder = get_builder(config)
     image_key, label_key, _ = info(config, builder)
     part = tfds.even_splits(split, n=size)[rank]
@@ -85,3 +94,37 @@ def records(config, split: str, rank: int, size: int, training: bool) -> tf.data
     return ds.enumerate().map(
         lambda i, ex: (ex[image_key], tf.cast(ex[label_key], tf.int32),
                        tf.zeros([1, 0, 4], tf.float32), origin, i))
+
+
+def build(config, rank: int, size: int, eval_batch_size: int, dtype: tf.DType) -> Datasets:
+    """Example-level shards (tfds.even_splits): every example on exactly one rank."""
+    builder = get_builder(config)
+    _, _, num_classes = info(config, builder)
+    splits = builder.info.splits
+    eval_split = "validation" if "validation" in splits else "test"
+    examples = config.train_examples or splits["train"].num_examples
+    steps = steps_per_epoch(config, examples, size)
+    skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
+    check = checked(skipped, config.strict_data)
+
+    def valid(ds):
+        return (ds.map(check, num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=config.deterministic)
+                .filter(is_ok).map(drop_flag))
+
+    seed = rank_seed(config.seed, rank)
+    train = valid(records(config, "train", rank, size, training=True).repeat()
+                  ).shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+    # the augmentation seed of the k-th record this rank reads: (seed, rank, k)
+    train = train.enumerate().map(
+        lambda k, rec: (*rec, tf.stack([tf.constant(seed, tf.int64), k])))
+    evaluation = None
+    if eval_split in splits:
+        evaluation = eval_batches(
+            valid(records(config, eval_split, rank, size, training=False)),
+            config, eval_batch_size, dtype)
+    return Datasets(train=train_batches(train, config, config.per_rank_batch_size(size), dtype),
+                    eval=evaluation, steps_per_epoch=steps, train_examples=examples,
+                    eval_examples=None,
+                    input_shape=(config.image_size, config.image_size, 3),
+                    num_classes=num_classes, skipped=skipped)

@@ -1,0 +1,94 @@
+"""Builders: the schedule, the optimizer stack, the model and the loss of a ``TrainConfig``."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from lars_tf import distributed, models
+from lars_tf.config import TrainConfig
+from lars_tf.optimizers import LARS
+from lars_tf.schedules import WarmupPolynomialDecay
+
+
+def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupPolynomialDecay:
+    """Warmup + polynomial decay over the run, in weight updates.
+
+    ``steps_per_epoch`` counts backward passes (what ``model.fit`` runs); with gradient
+    accumulation an epoch has ``steps_per_epoch / backward_passes_per_step`` updates.
+    """
+    k = config.backward_passes_per_step
+    updates_per_epoch = max(1, steps_per_epoch // k)
+    total = config.epochs * updates_per_epoch
+    return WarmupPolynomialDecay(
+        peak_learning_rate=config.learning_rate,
+        warmup_steps=min(total, int(round(config.warmup_epochs * updates_per_epoch))),
+        total_steps=total,
+        end_learning_rate=config.end_learning_rate,
+        power=config.poly_power,
+        backward_passes_per_step=k,
+        warmup_start_learning_rate=config.warmup_start_learning_rate,
+    )
+
+
+def build_local_optimizer(config: TrainConfig, steps_per_epoch: int) -> LARS:
+    """The single-process optimizer of ``config`` (no Horovod): LARS, or the SGD baseline.
+
+    ``--optimizer=sgd`` is momentum SGD with the same weight-decay rule and exclusions as
+    LARS, only without the trust ratio, so that the two differ in exactly one thing.
+    """
+    kwargs = dict(
+        learning_rate=build_schedule(config, steps_per_epoch),
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        trust_coefficient=config.trust_coefficient,
+    )
+    if config.optimizer == "sgd":
+        return LARS(exclude_from_layer_adaptation=(".*",), name="SGD", **kwargs)
+    return LARS(**kwargs)
+
+
+def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> tf.keras.optimizers.Optimizer:
+    """The full stack for a Horovod run: LARS (or the SGD baseline) inside
+    ``hvd.DistributedOptimizer``, inside dynamic loss scaling for ``mixed_float16``
+    (see ``lars_tf.distributed.wrap_optimizer``). Call after ``lars_tf.init()``.
+
+    ``steps_per_epoch`` counts backward passes per epoch on one rank."""
+    return distributed.wrap_optimizer(
+        build_local_optimizer(config, steps_per_epoch),
+        precision=config.precision,
+        fp16_allreduce=config.fp16_allreduce,
+        backward_passes_per_step=config.backward_passes_per_step,
+        gradient_predivide_factor=config.gradient_predivide_factor,
+        sparse_as_dense=True if config.sparse_as_dense else None,
+    )
+
+
+def build_model(config: TrainConfig, input_shape, num_classes: int) -> tf.keras.Model:
+    """The registered model ``config.model`` with the builder options the config asks for
+    (``zero_init_residual``); an option the model does not take is a ``ValueError``."""
+    options = {"zero_init_residual": config.zero_init_residual}
+    models.check_options(config.model, **options)
+    return models.get(config.model, input_shape, num_classes,
+                      **{k: v for k, v in options.items() if v})
+
+
+def build_loss(num_classes: int, label_smoothing: float = 0.0):
+    """Cross-entropy on logits and integer labels, with optional label smoothing."""
+    if not label_smoothing:
+        return tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    smoothed = tf.keras.losses.CategoricalCrossentropy(from_logits=True,
+                                                       label_smoothing=label_smoothing)
+
+    def loss(labels, logits):
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+        return smoothed(tf.one_hot(labels, num_classes), logits)
+
+    return loss
+
+
+def num_classes(model: tf.keras.Model, input_shape) -> int:
+    """Width of the model's logits; a subclassed model has no symbolic outputs, so it is
+    asked once on a zero image."""
+    if getattr(model, "outputs", None):
+        return int(model.outputs[0].shape[-1])
+    return int(model(tf.zeros((1, *input_shape)), training=False).shape[-1])

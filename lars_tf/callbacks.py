@@ -1,0 +1,334 @@
+"""Keras callbacks of the lars_tf trainer, public for users of the Python API.
+
+Each works on every rank of a Horovod job (the ones that all-reduce must run on all ranks)
+and in a single process:
+
+- ``CheckReplicas``: every N steps, stop if the ranks' weights or optimizer state differ.
+- ``AverageBatchNormStatistics``: at each epoch end, BatchNorm statistics become their mean
+  over ranks.
+- ``ExactEval``: evaluation over all ranks' shares of the eval set, exactly once each.
+- ``StopOnNonFinite``, ``StopOnStuckLossScale``, ``Watchdog``: stop a run that cannot go on.
+- ``EpochTimer``, ``LearningRateLogger``, ``SkippedRecords``, ``TimeToAccuracy``,
+  ``EpochLog``: the per-epoch figures of the run summary.
+- ``SaveCheckpoints``: atomic checkpoints (add it on rank 0 only).
+
+Metric averaging over ranks is Horovod's own (``lars_tf.distributed.metric_average_callback``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from lars_tf import checkpoint, distributed
+from lars_tf.config import TrainConfig
+
+
+class ReplicasDiverged(RuntimeError):
+    """The ranks no longer hold the same weights (``--check_replicas_every``)."""
+
+
+class StopOnNonFinite(tf.keras.callbacks.Callback):
+    """fp32 / bfloat16: a NaN or Inf loss stops the run at that step, naming it.
+
+    A non-finite gradient reaches every rank through the all-reduce, so every rank sees a
+    non-finite loss at the same step or the next and stops; a rank that is still waiting in
+    a collective is released when the stopping ranks exit (Horovod shuts down). Checkpoints
+    are only written at epoch ends, so none holds the broken weights. (mixed_float16 is not
+    checked here: its loss scaling skips steps whose gradients overflow.)
+    """
+
+    def __init__(self, rank: int, steps_per_epoch: int):
+        super().__init__()
+        self.rank, self.steps_per_epoch = rank, steps_per_epoch
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None or math.isfinite(float(loss)):
+            return
+        step = self.epoch * self.steps_per_epoch + batch + 1
+        raise FloatingPointError(
+            f"the training loss is {float(loss)} at step {step} (epoch {self.epoch + 1}, "
+            f"batch {batch + 1}) on rank {self.rank}: training stopped, no checkpoint holds "
+            "these weights. Lower --learning_rate or raise --warmup_epochs, then resume from "
+            "the last checkpoint with --resume")
+
+
+class Watchdog(tf.keras.callbacks.Callback):
+    """Ends this rank when no training step has finished for ``seconds``.
+
+    A rank that freezes (stopped, stuck in the kernel) takes Horovod's background thread
+    with it, so Horovod's own stall check, which needs every rank's thread, never fires and
+    the others wait forever (and under Gloo it does not fire at all). Here a thread on every
+    rank watches the steps; on timeout it logs the step it waited for and exits the process
+    (code 6), and the launcher (horovodrun, mpirun, srun --kill-on-bad-exit) ends the job.
+    The time of epoch-end work (evaluation, checkpoint) counts against ``seconds``.
+    """
+
+    EXIT_CODE = 6
+
+    def __init__(self, seconds: int, rank: int):
+        super().__init__()
+        self.seconds, self.rank = seconds, rank
+        self._last, self._steps = time.monotonic(), 0
+        self._done = threading.Event()
+
+    def on_train_begin(self, logs=None):
+        self._last = time.monotonic()
+        threading.Thread(target=self._watch, name="lars_tf-watchdog", daemon=True).start()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._last = time.monotonic()
+        self._steps += 1
+
+    def on_train_end(self, logs=None):
+        self._done.set()
+
+    def _watch(self):
+        while not self._done.wait(min(5.0, self.seconds / 4)):
+            idle = time.monotonic() - self._last
+            if idle > self.seconds:
+                logging.error(
+                    "rank %d: no training step has finished for %.0f s (--watchdog_sec=%d; "
+                    "waiting for step %d of this run): a rank froze or a collective never "
+                    "completes. Ending this rank so that the launcher ends the job; resume "
+                    "with --resume.", self.rank, idle, self.seconds, self._steps + 1)
+                logging.flush()
+                os._exit(self.EXIT_CODE)
+
+
+class CheckReplicas(tf.keras.callbacks.Callback):
+    """Every ``every`` steps, all ranks compare checksums of every trainable variable and
+    of the optimizer's whole state (slots, step counter, loss scale) (sum and sum of squares,
+    in float64, through one min and one max all-reduce); any difference stops every rank at
+    once, naming the first variable that differs. BatchNorm's moving statistics are left
+    out: each rank updates them from its own batches until the epoch end averages them."""
+
+    def __init__(self, every: int, optimizer):
+        super().__init__()
+        self.every, self.optimizer = every, optimizer
+        self._steps, self._checksums = 0, None  # steps (backward passes) of this run
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        if self._steps % self.every:
+            return
+        if self._checksums is None:
+            variables = list(self.model.trainable_variables)
+            known = {id(v) for v in variables}
+            variables += [v for v in checkpoint.state_variables(optimizer=self.optimizer)
+                          if id(v) not in known]
+            self._variables = variables
+
+            def checksums():
+                return tf.stack([s for v in variables for s in (
+                    tf.reduce_sum(tf.cast(v, tf.float64)),
+                    tf.reduce_sum(tf.square(tf.cast(v, tf.float64))))])
+            self._checksums = tf.function(checksums)
+        variables = self._variables
+        lo, hi = distributed.allreduce_min_max(self._checksums().numpy(),
+                                               name="lars_tf.check_replicas")
+        differ = np.nonzero(lo != hi)[0]
+        if len(differ):
+            v = variables[differ[0] // 2]
+            raise ReplicasDiverged(
+                f"ranks hold different weights or optimizer state after step {self._steps}: "
+                f"first differing variable {v.name!r} (checksum {lo[differ[0]]!r} to "
+                f"{hi[differ[0]]!r} over ranks; {len(set(differ // 2))} of {len(variables)} "
+                "variables differ)")
+
+
+class StopOnStuckLossScale(tf.keras.callbacks.Callback):
+    """mixed_float16: stop when ``limit`` consecutive weight updates were skipped at the
+    minimum loss scale (1). Dynamic loss scaling halves the scale on every overflow; at 1 it
+    cannot go lower, so gradients that are still non-finite there come from the model
+    (a NaN, a diverged run), and every further step would be skipped too: training nothing
+    forever. Raises ``FloatingPointError`` (``lars-train`` exits 4) naming the step."""
+
+    def __init__(self, limit: int, passes_per_update: int, steps_per_epoch: int):
+        super().__init__()
+        self.limit, self.k, self.steps_per_epoch = limit, passes_per_update, steps_per_epoch
+        self.epoch, self.skipped = 0, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (batch + 1) % self.k:
+            return  # not the end of an accumulation window: no update was decided
+        opt = self.model.optimizer
+        at_min = float(opt.loss_scale) <= 1.0 and int(opt.dynamic_counter) == 0
+        self.skipped = self.skipped + 1 if at_min else 0
+        if self.skipped >= self.limit:
+            step = self.epoch * self.steps_per_epoch + batch + 1
+            raise FloatingPointError(
+                f"the last {self.skipped} weight updates up to step {step} (epoch "
+                f"{self.epoch + 1}, batch {batch + 1}) were all skipped for non-finite "
+                "gradients at the minimum loss scale (1): the model itself produces Inf/NaN, "
+                "which no loss scale cures, so training stopped (--max_skipped_updates="
+                f"{self.limit}). Lower --learning_rate or raise --warmup_epochs, then resume "
+                "from the last checkpoint with --resume")
+
+
+class EpochTimer(tf.keras.callbacks.Callback):
+    """Global training images/sec of each epoch (before evaluation runs)."""
+
+    def __init__(self, images_per_epoch: int):
+        super().__init__()
+        self.images_per_epoch = images_per_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        dt = time.perf_counter() - self._t0
+        logs["epoch_time_sec"] = dt
+        logs["images_per_sec"] = self.images_per_epoch / dt
+
+
+class AverageBatchNormStatistics(tf.keras.callbacks.Callback):
+    """At each epoch end, BatchNorm moving statistics (updated by each rank from its own
+    batches) become their mean over ranks: the model evaluated and saved is the same on
+    every rank."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        distributed.average_variables(self.model.non_trainable_variables,
+                                      name="lars_tf.non_trainable")
+
+
+class ExactEval(tf.keras.callbacks.Callback):
+    """Exact eval over all ranks: each rank sums loss, top-1 and top-5 hits and examples over
+    its share of the eval set (which it counts as it goes), and the sums are all-reduced."""
+
+    def __init__(self, dataset, every: int, epochs: int, num_classes: int):
+        super().__init__()
+        self.dataset, self.every, self.epochs = dataset, every, epochs
+        self.top_k = min(5, max(1, num_classes))
+        self._step = None
+
+    def _sums(self, images, labels):
+        logits = tf.cast(self.model(images, training=False), tf.float32)
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+        loss = tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+        def hits(k):
+            return tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, k), tf.float64))
+
+        return tf.stack([tf.reduce_sum(tf.cast(loss, tf.float64)), hits(1), hits(self.top_k),
+                         tf.cast(tf.shape(labels)[0], tf.float64)])
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.dataset is None or ((epoch + 1) % self.every and epoch + 1 != self.epochs):
+            return
+        if self._step is None:
+            self._step = tf.function(self._sums)
+        local = np.zeros(4)
+        for images, labels in self.dataset:
+            local += self._step(images, labels).numpy()
+        total = distributed.allreduce_sum(local, name="lars_tf.eval")
+        n = max(total[3], 1.0)
+        logs["test_loss"] = float(total[0] / n)
+        logs["test_accuracy"] = float(total[1] / n)
+        logs["test_top5"] = float(total[2] / n)
+        logs["test_examples"] = int(total[3])
+
+
+class SkippedRecords(tf.keras.callbacks.Callback):
+    """Corrupt records skipped so far, summed over ranks (each was named on stderr)."""
+
+    def __init__(self, counter):
+        super().__init__()
+        self.counter = counter
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.counter is None:
+            return
+        total = int(distributed.allreduce_sum([float(self.counter.numpy())],
+                                              name="lars_tf.skipped")[0])
+        logs["skipped_records"] = total
+        if total:
+            logging.warning("%d corrupt records skipped so far (named above)", total)
+
+
+class TimeToAccuracy(tf.keras.callbacks.Callback):
+    """The first epoch, and the wall time since the run began, at which the eval top-1
+    accuracy reached ``target`` (nothing when the target is 0)."""
+
+    def __init__(self, target: float, t_begin: float, result: dict | None):
+        super().__init__()
+        self.target, self.t_begin, self.result = target, t_begin, result
+
+    def on_epoch_end(self, epoch, logs=None):
+        acc = logs.get("test_accuracy")
+        if not self.target or self.result or acc is None or acc < self.target:
+            return
+        self.result = {"target": self.target, "epoch": epoch + 1, "test_accuracy": acc,
+                       "seconds": time.time() - self.t_begin}
+        logs["time_to_accuracy_sec"] = self.result["seconds"]
+
+
+class LearningRateLogger(tf.keras.callbacks.Callback):
+    """The learning rate that the last update of the epoch used, into the logs."""
+
+    def __init__(self, optimizer):
+        super().__init__()
+        self.optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+
+    def on_epoch_end(self, epoch, logs=None):
+        lr = self.optimizer._learning_rate
+        if callable(lr):
+            lr = lr(self.optimizer.iterations - 1)
+        logs["learning_rate"] = float(lr)
+
+
+class EpochLog(tf.keras.callbacks.Callback):
+    """Keeps the per-epoch history; rank 0 logs one line per epoch."""
+
+    def __init__(self, history: list, chief: bool):
+        super().__init__()
+        self.history, self.chief = history, chief
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch + 1}
+        row.update({k: float(v) for k, v in (logs or {}).items()})
+        self.history.append(row)
+        if self.chief:
+            test = row.get("test_accuracy")
+            logging.info(
+                "epoch %3d  loss %.4f  train acc %.4f  test acc %s  lr %.4g  "
+                "%.0f images/sec", row["epoch"], row.get("loss", math.nan),
+                row.get("accuracy", math.nan),
+                "  -   " if test is None else f"{test:.4f}", row["learning_rate"],
+                row["images_per_sec"])
+
+
+class SaveCheckpoints(tf.keras.callbacks.Callback):
+    """Rank 0: an atomic checkpoint every N epochs and at the last epoch of this run."""
+
+    def __init__(self, config: TrainConfig, optimizer, history: list, tta, t_begin: float,
+                 end_epoch: int):
+        super().__init__()
+        self.config, self.optimizer, self.history = config, optimizer, history
+        self.tta, self.t_begin, self.end_epoch = tta, t_begin, end_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        if done % self.config.checkpoint_every and done != self.end_epoch:
+            return
+        meta = {"history": list(self.history),  # EpochLog has added this epoch
+                "elapsed_sec": time.time() - self.t_begin,
+                "time_to_accuracy": self.tta.result,
+                "step": int(self.optimizer.iterations.numpy())}
+        path = checkpoint.save(self.config.model_dir, done, self.model, self.optimizer, meta,
+                               keep=self.config.keep_checkpoints)
+        logging.info("checkpoint %s", path)

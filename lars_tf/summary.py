@@ -1,0 +1,90 @@
+"""The run summary (``summary.json``) and the rank-0 logs of each rank's launch settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+
+import numpy as np
+from absl import logging
+
+from lars_tf import distributed
+
+SUMMARY_FILE = "summary.json"
+
+
+def run_summary(trainer, datasets, wall: float, tta, start_epoch: int, end_epoch: int) -> dict:
+    """What ``Trainer.fit`` returns and rank 0 writes to ``summary.json``: accuracy, time to
+    accuracy, throughput, peak memory per rank, history, each rank's settings, config,
+    versions. Every rank must call it (it all-reduces the peak memory)."""
+    config, world = trainer.config, trainer.world
+    peak_mb = np.zeros(world.size)
+    peak_mb[world.rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak_mb = distributed.allreduce_sum(peak_mb, name="lars_tf.peak_rss")
+    evals = [h for h in trainer.history if "test_accuracy" in h]
+    # The first epoch of a process includes graph tracing: throughput is the mean of the
+    # others when there are any.
+    timed = [h["images_per_sec"] for h in trainer.history if "images_per_sec" in h]
+    speeds = timed[1:] if len(timed) > 1 else timed
+    return {
+        "final_test_accuracy": evals[-1]["test_accuracy"] if evals else None,
+        "final_test_top5": evals[-1].get("test_top5") if evals else None,
+        "best_test_accuracy": max(h["test_accuracy"] for h in evals) if evals else None,
+        "time_to_accuracy": tta.result,
+        "images_per_sec": float(np.mean(speeds)) if speeds else None,
+        "epochs": config.epochs,
+        "epochs_done": end_epoch,
+        "resumed_from_epoch": start_epoch or None,
+        "global_batch_size": config.global_batch_size,
+        "per_rank_batch_size": config.per_rank_batch_size(world.size),
+        "world_size": world.size,
+        "steps_per_epoch": datasets.steps_per_epoch,
+        "backward_passes_per_step": config.backward_passes_per_step,
+        "updates_per_epoch": datasets.steps_per_epoch // config.backward_passes_per_step,
+        "precision": config.precision,
+        "wall_time_sec": wall,
+        "peak_rss_mb_per_rank": [round(float(x), 1) for x in peak_mb],
+        "history": trainer.history,
+        "ranks": trainer.rank_settings,
+        "config": dict(vars(config)),
+        "versions": distributed.versions(),
+    }
+
+
+# Set by horovodrun/mpirun for each rank (who it is, where to meet): not tuning.
+_IDENTITY_VARS = ("HOROVOD_GLOO_", "HOROVOD_HOSTNAME", "HOROVOD_RANK", "HOROVOD_SIZE",
+                  "HOROVOD_LOCAL_", "HOROVOD_CROSS_", "HOROVOD_CONTROLLER",
+                  "HOROVOD_CPU_OPERATIONS")
+
+
+def log_rank_settings(ranks: list[dict]) -> None:
+    """One line with the settings rank 0 runs with; a warning for any that differ by rank."""
+    first = ranks[0]
+    tuning = {k: v for k, v in first["env"].items() if not k.startswith(_IDENTITY_VARS)}
+    logging.info("rank 0 on %s: %d intra-op / %d inter-op threads, oneDNN %s, cores %s, %s",
+                 first["host"], first["intra_op_threads"], first["inter_op_threads"],
+                 "on" if first["onednn"] else "off", first["cpu_affinity"],
+                 " ".join(f"{k}={v}" for k, v in tuning.items()) or "no HOROVOD_* settings")
+    if len({r["onednn"] for r in ranks}) > 1:
+        logging.warning("oneDNN is on for some ranks only: %s",
+                        [r["onednn"] for r in ranks])
+    keys = set().union(*(r["env"] for r in ranks))
+    for key in sorted(k for k in keys if not k.startswith(_IDENTITY_VARS)):
+        values = [r["env"].get(key) for r in ranks]
+        if len(set(values)) > 1:
+            logging.warning("ranks run with different %s: %s", key, values)
+
+
+def write_json(path: str, obj) -> None:
+    """Write atomically: a reader sees the old file or the new one, never half of one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
