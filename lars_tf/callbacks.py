@@ -208,11 +208,13 @@ class AverageBatchNormStatistics(tf.keras.callbacks.Callback):
 
 class ExactEval(tf.keras.callbacks.Callback):
     """Exact eval over all ranks: each rank sums loss, top-1 and top-5 hits and examples over
-    its share of the eval set (which it counts as it goes), and the sums are all-reduced."""
+    its share of the eval set (which it counts as it goes), and the sums are all-reduced.
+    Runs every ``every`` epochs and always after ``last_epoch`` (1-based), the last epoch of
+    this run, so that a run's summary never reports a stale accuracy."""
 
-    def __init__(self, dataset, every: int, epochs: int, num_classes: int):
+    def __init__(self, dataset, every: int, last_epoch: int, num_classes: int):
         super().__init__()
-        self.dataset, self.every, self.epochs = dataset, every, epochs
+        self.dataset, self.every, self.last_epoch = dataset, every, last_epoch
         self.top_k = min(5, max(1, num_classes))
         self._step = None
 
@@ -228,7 +230,7 @@ class ExactEval(tf.keras.callbacks.Callback):
                          tf.cast(tf.shape(labels)[0], tf.float64)])
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.dataset is None or ((epoch + 1) % self.every and epoch + 1 != self.epochs):
+        if self.dataset is None or ((epoch + 1) % self.every and epoch + 1 != self.last_epoch):
             return
         if self._step is None:
             self._step = tf.function(self._sums)

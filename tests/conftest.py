@@ -1,5 +1,6 @@
 """Helpers that start real multi-process Horovod jobs."""
 
+import inspect
 import os
 import signal
 import subprocess
@@ -37,10 +38,11 @@ def launcher(kind: str, np_: int = 2) -> list[str]:
     raise ValueError(kind)
 
 
-def run_job(cmd: list[str], timeout: float = 300, check: bool = True, cwd=ROOT,
+def run_job(cmd: list[str], timeout: float = 600, check: bool = True, cwd=ROOT,
             **env) -> subprocess.CompletedProcess:
     """Run a job to completion (in ``cwd``, the repository by default); fail the test with
-    its output if it fails or hangs.
+    its output if it fails or hangs. ``timeout`` must be at least 3x the job's time alone,
+    so that a busy machine slows the suite down instead of failing it.
 
     The job runs in its own process group, and all of it is killed on timeout, so that no
     rank outlives its test.
@@ -96,17 +98,36 @@ def rank_pids(root_pid: int) -> dict[int, int]:
 _STARTS_A_PROCESS = ("run_job(", "subprocess.", "_cli(", "_train(", "start(")
 
 
-def pytest_collection_modifyitems(items):
-    """Mark every test whose body starts another process ``multiprocess``, so that
-    ``make test-fast`` (``-m "not multiprocess"``) runs the in-process tests alone. Read
-    from the test's source, so that a new test is marked without anyone remembering to."""
-    import inspect
+def _starts_a_process(function, seen: set) -> bool:
+    """Whether ``function``, or a function of its own module that it calls, starts a
+    process (read from their source)."""
+    if function in seen:
+        return False
+    seen.add(function)
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    if any(s in source for s in _STARTS_A_PROCESS):
+        return True
+    module = sys.modules.get(function.__module__)
+    callees = (getattr(module, name, None) for name in function.__code__.co_names)
+    return any(inspect.isfunction(f) and f.__module__ == function.__module__
+               and _starts_a_process(f, seen) for f in callees)
 
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that starts another process ``multiprocess`` (itself, through a
+    helper of its module, or through a fixture), so that ``make test-fast``
+    (``-m "not multiprocess"``) runs the in-process tests alone. Read from the source, so
+    that a new test is marked without anyone remembering to."""
     for item in items:
         function = getattr(item, "function", None)
-        try:
-            source = inspect.getsource(function) if function else ""
-        except (OSError, TypeError):
+        if function is None:
             continue
-        if any(s in source for s in _STARTS_A_PROCESS):
+        seen: set = set()
+        fixtures = [defs[-1].func for defs in item._fixtureinfo.name2fixturedefs.values()
+                    if defs]
+        if any(_starts_a_process(getattr(f, "__wrapped__", f), seen)
+               for f in [function, *fixtures]):
             item.add_marker(pytest.mark.multiprocess)

@@ -29,7 +29,7 @@ FULL_STACK = ["model=mlp", "precision=mixed_float16", "fp16_allreduce=True",
 ], ids=["gloo-fp32", "gloo-bf16", "mpirun-fp16-accum"])
 def test_two_ranks_end_with_identical_trained_weights(kind, extra, tmp_path):
     run_job(launcher(kind) + ["python", "tests/workers/train_dump.py", str(tmp_path), *extra],
-            timeout=300)
+            timeout=600)  # the mpirun job takes about 100 s alone
     init = [_load(tmp_path / f"init_rank{r}.npz") for r in range(2)]
     final = [_load(tmp_path / f"final_rank{r}.npz") for r in range(2)]
     # the ranks started apart (different seeds) ...

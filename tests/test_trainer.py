@@ -19,7 +19,7 @@ SHORT = ["--model=small_cnn", "--global_batch_size=4096", "--epochs=2", "--learn
          "--noprogress_bar"]
 
 
-def _train(model_dir, *flags, timeout=300):
+def _train(model_dir, *flags, timeout=600):
     return run_job(launcher("gloo") + ["lars-train", f"--model_dir={model_dir}", *SHORT,
                                        *flags], timeout=timeout)
 
@@ -156,7 +156,7 @@ def test_skipped_updates_at_the_minimum_loss_scale_stop_the_run():
     it trained nothing for its whole length)."""
     proc = run_job(["python", "tests/workers/nan_model.py", "5"], timeout=180, check=False)
     assert proc.returncode == 4, proc.stderr[-3000:]
-    assert re.search(r"the last 5 weight updates up to step 19 \(epoch 2, batch 5\) were all "
+    assert re.search(r"the last 5 weight updates up to step 19 \(epoch 2, batch 3\) were all "
                      r"skipped .* minimum loss scale", proc.stderr), proc.stderr[-3000:]
     proc = run_job(["python", "tests/workers/nan_model.py", "0"], timeout=180)  # 0: off
     assert "training ended without stopping" in proc.stdout

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 import lars_tf
+from lars_tf.data import fashion_mnist
 
 
 class Probe(tf.keras.layers.Layer):
@@ -31,5 +32,10 @@ world = lars_tf.init()
 model = tf.keras.Sequential([
     tf.keras.Input((28, 28, 1)), tf.keras.layers.Flatten(), tf.keras.layers.Dense(256),
     tf.keras.layers.Dropout(0.5), Probe(), tf.keras.layers.Dense(10)])
-lars_tf.Trainer(config, model=model).fit()
+x, y = fashion_mnist.load(config.resolved_data_dir(), "train")
+per_rank = config.per_rank_batch_size(world.size)
+train = (tf.data.Dataset.from_tensor_slices((x[:4096], y[:4096])).shard(world.size, world.rank)
+         .batch(per_rank, drop_remainder=True).map(lambda a, b: (tf.cast(a, tf.float32), b)))
+lars_tf.Trainer(config, model=model).fit(train, None,
+                                         steps_per_epoch=4096 // world.size // per_rank)
 np.save(f"{out_dir}/kept_rank{world.rank}.npy", model.layers[-2].kept.numpy())
