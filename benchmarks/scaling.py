@@ -47,7 +47,7 @@ def run(ranks: int, work: Path, timeline: Path | None) -> dict:
     cmd = [str(ROOT / "launch" / "mpirun_cpu.sh"), "--ranks-per-node", str(ranks),
            "--cores-per-node", str(FLAGS.cores)]
     if timeline:
-        cmd += ["--timeline", str(timeline)]
+        cmd += ["--timeline-filename", str(timeline)]
     cmd += ["--", "--model=resnet50", "--dataset=synthetic", f"--image_size={FLAGS.image_size}",
             f"--global_batch_size={FLAGS.batch_per_core * FLAGS.cores}",
             f"--epochs={FLAGS.epochs}", "--warmup_epochs=0", "--eval_every=1000",

@@ -89,10 +89,12 @@ TUNING_HELP='Horovod tuning (override the preset):
   --no-hierarchical-allreduce
   --fp16-allreduce           send gradients as float16 (passes --fp16_allreduce to lars-train)
   --autotune                 let Horovod tune fusion threshold and cycle time while training
-  --autotune-log FILE        where autotune writes its samples (CSV, rank 0)
-  --timeline FILE            Horovod timeline (Chrome trace JSON) of every tensor operation
-  --stall-shutdown-sec S     shut the job down when a rank has not submitted a tensor the
+  --autotune-log-file FILE   where autotune writes its samples (CSV, rank 0)
+  --timeline-filename FILE   Horovod timeline (Chrome trace JSON) of every tensor operation
+  --stall-check-shutdown-time-seconds S
+                             shut the job down when a rank has not submitted a tensor the
                              others wait for after S seconds (0: never)
+(Tuning flags are spelled as horovodrun spells them.)
   --dry-run                  print the environment and the command, start nothing'
 
 override() { OVERRIDES[$1]="$2"; }
@@ -115,16 +117,28 @@ tuning_flag() {
         --no-hierarchical-allreduce) override HOROVOD_HIERARCHICAL_ALLREDUCE 0; TUNING_USED=1 ;;
         --fp16-allreduce) FP16_ALLREDUCE=1; TUNING_USED=1 ;;
         --autotune) override HOROVOD_AUTOTUNE 1; TUNING_USED=1 ;;
-        --autotune-log)
+        --autotune-log-file)
             need_value "$1" "$#"; abspath_new "$1" "$2"; override HOROVOD_AUTOTUNE 1
             override HOROVOD_AUTOTUNE_LOG "$ABS"; TUNING_USED=2 ;;
-        --timeline)
+        --timeline-filename)
             need_value "$1" "$#"; abspath_new "$1" "$2"
             override HOROVOD_TIMELINE "$ABS"; TUNING_USED=2 ;;
-        --stall-shutdown-sec)
+        --stall-check-shutdown-time-seconds)
             need_value "$1" "$#"; uint "$1" "$2"
             override HOROVOD_STALL_SHUTDOWN_TIME_SECONDS "$2"; TUNING_USED=2 ;;
+        --autotune-log|--timeline|--stall-shutdown-sec)  # the names before horovodrun's
+            local new
+            new="$(renamed "$1")"
+            die "$1 is now $new, as horovodrun spells it" ;;
         --dry-run) DRY_RUN=1; TUNING_USED=1 ;;
+    esac
+}
+
+renamed() {  # renamed OLD_FLAG: the horovodrun name that replaced it
+    case "$1" in
+        --autotune-log) printf '%s' --autotune-log-file ;;
+        --timeline) printf '%s' --timeline-filename ;;
+        --stall-shutdown-sec) printf '%s' --stall-check-shutdown-time-seconds ;;
     esac
 }
 

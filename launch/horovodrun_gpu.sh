@@ -20,7 +20,7 @@ Hosts:
   --network-interface NIC    the interface(s) between hosts (e.g. eth0 or ib0,eth0)
   --mpi | --gloo             Horovod's controller (default: MPI when mpirun is on PATH, as
                              with the venv's Open MPI; else Gloo). Horovod 0.28.1 enforces
-                             --stall-shutdown-sec only under MPI.
+                             --stall-check-shutdown-time-seconds only under MPI.
 
 $TUNING_HELP
 

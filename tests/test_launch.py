@@ -27,7 +27,8 @@ def test_horovodrun_launcher_settings_reach_every_rank(tmp_path):
     run = tmp_path / "run"
     timeline = tmp_path / "timeline.json"
     run_job([str(LAUNCH / "horovodrun_gpu.sh"), "-H", "localhost", "--gpus-per-host", "2",
-             "--fusion-threshold-mb", "32", "--cycle-time-ms", "3", "--timeline", str(timeline),
+             "--fusion-threshold-mb", "32", "--cycle-time-ms", "3",
+             "--timeline-filename", str(timeline),
              "--", *SHORT_RUN, f"--model_dir={run}"], timeout=240)
     ranks = ranks_of(run)
     assert len(ranks) == 2
@@ -47,7 +48,7 @@ def test_fusion_off_reaches_horovod(tmp_path):
     test above runs the default, MPI.)"""
     timeline = tmp_path / "timeline.json"
     run_job([str(LAUNCH / "horovodrun_gpu.sh"), "--gloo", "--gpus-per-host", "2",
-             "--fusion-threshold-mb", "0", "--timeline", str(timeline),
+             "--fusion-threshold-mb", "0", "--timeline-filename", str(timeline),
              "--", *SHORT_RUN], timeout=240)
     events = timeline_events(timeline)
     assert "ALLREDUCE" in events
@@ -58,7 +59,7 @@ def test_mpirun_launcher_binds_ranks_sizes_threads_and_autotunes(tmp_path):
     run = tmp_path / "run"
     log = tmp_path / "autotune.csv"
     run_job([str(LAUNCH / "mpirun_cpu.sh"), "--ranks-per-node", "2", "--cores-per-node", "2",
-             "--autotune-log", str(log), "--", *SHORT_RUN, f"--model_dir={run}"],
+             "--autotune-log-file", str(log), "--", *SHORT_RUN, f"--model_dir={run}"],
             timeout=240,
             # a short run: let autotune score a sample every 5 steps, after 1 warmup sample
             HOROVOD_AUTOTUNE_WARMUP_SAMPLES=1, HOROVOD_AUTOTUNE_STEPS_PER_SAMPLE=5)
@@ -130,7 +131,9 @@ GPU, CPU, SLURM = "horovodrun_gpu.sh", "mpirun_cpu.sh", "slurm.sbatch"
     (GPU, ["-np", "5", "-H", "a:2,b:2"], "more processes than the 4 slots"),
     (GPU, ["--preset", "wifi"], "--preset=wifi: unknown preset"),
     (GPU, ["--fusion-threshold-mb", "lots"], "--fusion-threshold-mb=lots: must be an integer"),
-    (GPU, ["--timeline", "/no/dir/t.json"], "--timeline=/no/dir/t.json: folder"),
+    (GPU, ["--timeline-filename", "/no/dir/t.json"], "--timeline-filename=/no/dir/t.json: folder"),
+    (GPU, ["--timeline", "t.json"],
+     "--timeline is now --timeline-filename, as horovodrun spells it"),
     (GPU, ["--fusion"], "unknown option '--fusion'"),
     (CPU, ["-H", "a:2", "--hostfile", "/no/hosts"], "give -H or --hostfile, not both"),
     (GPU, ["--fp16-allreduce", "--", "python", "mine.py"], "--fp16-allreduce passes"),

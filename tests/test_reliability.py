@@ -145,7 +145,7 @@ def test_replica_check_names_the_first_differing_variable(tmp_path):
 
 def test_stalled_rank_shuts_the_job_down_within_the_launchers_bound(tmp_path):
     proc = start([str(ROOT / "launch" / "horovodrun_gpu.sh"), "--mpi", "--gpus-per-host", "2",
-                  "--stall-shutdown-sec", "8", "--", sys.executable,
+                  "--stall-check-shutdown-time-seconds", "8", "--", sys.executable,
                   str(ROOT / "tests" / "workers" / "faults.py"), "stall", str(tmp_path)],
                  HOROVOD_STALL_CHECK_TIME_SECONDS=2)
     out, _ = finish(proc, timeout=150)
