@@ -33,12 +33,12 @@ test-fast: setup
 bench: setup
 	python -m pip install -q --no-deps -c constraints.txt tf-models-official
 	python -m pip install -q -c constraints.txt matplotlib
-	python benchmarks/lars_overhead.py
-	python benchmarks/onednn.py
-	python benchmarks/input_pipeline.py
-	python benchmarks/allreduce.py
-	python benchmarks/scaling.py
-	python benchmarks/large_batch.py
+	python -m benchmarks.lars_overhead
+	python -m benchmarks.onednn
+	python -m benchmarks.input_pipeline
+	python -m benchmarks.allreduce
+	python -m benchmarks.scaling
+	python -m benchmarks.large_batch
 
 lint: setup
 	ruff check lars_tf models benchmarks tests

@@ -1,7 +1,7 @@
 """All-reduce of ResNet-50's gradients across 2 Horovod ranks: tensor fusion, cycle time,
 Gloo vs MPI, fp32 vs fp16 compression, against the machine's memory-copy bound.
 
-    python benchmarks/allreduce.py [--rounds 3] [--steps 20] [--nowrite]
+    python -m benchmarks.allreduce [--rounds 3] [--steps 20] [--nowrite]
 
 Each setting is one 2-rank job started with launch/horovodrun_gpu.sh (so the presets and
 flags are the launchers' own): the default preset (single_node), and fusion threshold 0
@@ -25,18 +25,14 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from benchmarks import common  # noqa: E402
+from benchmarks import common
+from lars_tf import testing
 
 flags.DEFINE_integer("rounds", 3, "Rounds over all settings.")
 flags.DEFINE_integer("steps", 20, "Timed steps per block.")
@@ -110,10 +106,7 @@ def worker(out: str) -> None:
         t0 = time.perf_counter()
         np.copyto(dst, src)
         copies.append(time.perf_counter() - t0)
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    peak = hvd.allgather_object(rss, name="rss")
+    peak = hvd.allgather_object(testing.peak_rss_mb(), name="rss")
     if hvd.rank() == 0:
         result = {k: statistics.median(v) for k, v in times.items()}
         result.update(copy_sec=statistics.median(copies), bytes=4 * n_floats,
@@ -124,14 +117,10 @@ def worker(out: str) -> None:
 
 
 def run_job(controller: str, flags_: list[str], out: Path) -> dict:
-    cmd = [str(ROOT / "launch" / "horovodrun_gpu.sh"), f"--{controller}", "--gpus-per-host",
-           "2", *flags_, "--", sys.executable, os.path.abspath(__file__), f"--worker={out}",
+    cmd = [str(testing.LAUNCH / "horovodrun_gpu.sh"), f"--{controller}", "--gpus-per-host",
+           "2", *flags_, "--", sys.executable, "-m", "benchmarks.allreduce", f"--worker={out}",
            f"--steps={FLAGS.steps}", f"--blocks={FLAGS.blocks}"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    testing.run_job(cmd, timeout=3600)
     return json.loads(out.read_text())
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import platform
 import re
-import resource
 import shlex
 import sys
 import time
 from pathlib import Path
+
+from lars_tf import testing
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -38,8 +39,9 @@ def machine_line() -> str:
 
 
 def command_line() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [
-        os.path.relpath(sys.argv[0], RESULTS.parent.parent)] + sys.argv[1:])
+    """How this benchmark was run, as a command from the checkout's root."""
+    name = Path(sys.argv[0]).stem
+    return " ".join(["python", "-m", f"benchmarks.{name}", *map(shlex.quote, sys.argv[1:])])
 
 
 def define_output_flags(name: str) -> None:
@@ -52,10 +54,6 @@ def define_output_flags(name: str) -> None:
     flags.DEFINE_bool("report_only", False,
                       "Rebuild the table, plot and RESULTS.md section from the raw JSON of --out.")
     flags.DEFINE_bool("write", True, "Write the section of benchmarks/RESULTS.md.")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def write_section(name: str, body: str) -> None:
@@ -78,7 +76,7 @@ def report(section: str, heading: str, description: str, table: list[str], concl
     ``raw``: the saved results of an earlier run (``--report_only``), whose command and
     machine are reported instead of this process's."""
     lines = [f"- command: `{command_line()}`", f"- machine: {machine_line()}",
-             f"- peak RSS of the process: {peak_rss_mb():.0f} MB"]
+             f"- peak RSS of the process: {testing.peak_rss_mb():.0f} MB"]
     if raw is not None:
         lines = [f"- command: `{raw['command']}`", f"- machine: {raw['machine']}"]
     body = "\n".join([

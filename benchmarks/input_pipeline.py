@@ -2,7 +2,7 @@
 lars_tf's pipeline, plain tf.io.decode_jpeg of the same records (the decode-bound limit), and
 TF Model Garden's ImageNet training preprocessing.
 
-    python benchmarks/input_pipeline.py [--images 384] [--rounds 5] [--nowrite]
+    python -m benchmarks.input_pipeline [--images 384] [--rounds 5] [--nowrite]
 
 The images are real photographs (scikit-image's bundled ones), cut and resized to 500x375
 at random and JPEG-encoded, written as TFRecords with lars-convert's code. All pipelines get
@@ -22,21 +22,16 @@ from __future__ import annotations
 import gc
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import importlib.util  # noqa: E402
-
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from lars_tf import TrainConfig  # noqa: E402
+from lars_tf import TrainConfig, testing  # noqa: E402
 from lars_tf import data as data_lib  # noqa: E402
 from lars_tf.data import convert, imagenet  # noqa: E402
 
@@ -49,14 +44,8 @@ BATCH = 64
 
 
 def make_images(folder: str, n: int) -> None:
-    spec = importlib.util.find_spec("skimage")
-    if spec is None:
-        raise SystemExit("the photos come from scikit-image's wheel: make setup installs it")
-    photo_dir = os.path.join(list(spec.submodule_search_locations)[0], "data")
-    photos = [tf.io.decode_image(open(os.path.join(photo_dir, f), "rb").read(), channels=3,
-                                 expand_animations=False)
-              for f in ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg",
-                        "motorcycle_left.png", "retina.jpg", "hubble_deep_field.jpg")]
+    photos = [tf.io.decode_image(open(path, "rb").read(), channels=3, expand_animations=False)
+              for path in testing.photos().values()]
     rng = np.random.default_rng(0)
     os.makedirs(os.path.join(folder, "all"), exist_ok=True)
     for i in range(n):
@@ -72,12 +61,9 @@ def make_images(folder: str, n: int) -> None:
 
 
 def model_garden_preprocess():
-    try:
-        from official.legacy.image_classification import preprocessing
-    except ImportError:
-        raise SystemExit("Model Garden is not installed: "
-                         "pip install --no-deps tf-models-official==2.15.0 (make bench does)"
-                         ) from None
+    testing.model_garden_file()  # stops with how to install it when it is missing
+    from official.legacy.image_classification import preprocessing
+
     return preprocessing.preprocess_for_train
 
 

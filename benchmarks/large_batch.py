@@ -1,7 +1,7 @@
 """The paper's claim at small scale: at a fixed epoch budget, does a large batch keep the
 small-batch test accuracy with LARS, and lose it with SGD + the linear scaling rule?
 
-    python benchmarks/large_batch.py [--quick] [--epochs 12] [--np 2] [--nowrite]
+    python -m benchmarks.large_batch [--quick] [--epochs 12] [--np 2] [--nowrite]
 
 Fashion-MNIST, the small_cnn model, 2 Horovod ranks (Gloo) on this machine, the same epoch
 budget for every run and the same schedule shape (linear warmup, then polynomial decay of
@@ -31,13 +31,10 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from benchmarks import common  # noqa: E402
+from benchmarks import common
+from lars_tf import testing
 
 flags.DEFINE_bool("quick", False, "Smoke run: 2 epochs, batches 4096/8192, one rate per row.")
 flags.DEFINE_integer("epochs", 12, "Epoch budget of every run.")
@@ -94,13 +91,11 @@ def worker(plan_file: str) -> None:
 def run_phase(runs: list[dict], jsonl: Path) -> None:
     plan = jsonl.with_suffix(".plan.json")
     plan.write_text(json.dumps({"runs": runs, "out": str(jsonl)}))
-    cmd = [str(Path(sys.executable).parent / "horovodrun"), "--gloo", "-np", str(FLAGS.np),
-           "-H", f"localhost:{FLAGS.np}", sys.executable, os.path.abspath(__file__),
+    cmd = [*testing.launcher("gloo", FLAGS.np), sys.executable, "-m", "benchmarks.large_batch",
            f"--worker={plan}"]
     print(f"[large_batch] {len(runs)} runs: {' '.join(cmd)}", flush=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    # the output streams to the console: an hour-long phase shows its progress
+    subprocess.run(cmd, check=True, env=testing.job_env(), cwd=testing.REPO)
     plan.unlink()
 
 

@@ -1,7 +1,7 @@
 """One optimizer step over ResNet-50's trainable variables: lars_tf.LARS against Keras
 SGD(momentum=0.9) and TF Model Garden's LARS, side by side in one process.
 
-    python benchmarks/lars_overhead.py [--rounds 7] [--steps 10] [--nowrite]
+    python -m benchmarks.lars_overhead [--rounds 7] [--steps 10] [--nowrite]
 
 Model Garden's LARS comes from tf-models-official==2.15.0, installed for benchmarks only
 (`make bench` does: pip install --no-deps tf-models-official==2.15.0); only its lars.py,
@@ -12,20 +12,17 @@ so that drift on the machine hits all of them alike; a step is timed as the mean
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from lars_tf import LARS, models  # noqa: E402
+from lars_tf import LARS, models, testing  # noqa: E402
 from lars_tf.optimizers import DEFAULT_EXCLUDE  # noqa: E402
 
 flags.DEFINE_integer("rounds", 15, "Timed rounds per optimizer.")
@@ -35,25 +32,12 @@ flags.DEFINE_bool("write", True, "Write the table to benchmarks/RESULTS.md.")
 FLAGS = flags.FLAGS
 
 
-def model_garden_lars():
-    spec = importlib.util.find_spec("official")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("Model Garden is not installed: "
-                         "pip install --no-deps tf-models-official==2.15.0 (make bench does)")
-    path = os.path.join(list(spec.submodule_search_locations)[0],
-                        "modeling", "optimization", "lars.py")
-    module_spec = importlib.util.spec_from_file_location("model_garden_lars", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.LARS
-
-
 def main(argv):
     del argv
     variables = models.get("resnet50", (224, 224, 3), 1000).trainable_variables
     n_params = sum(v.shape.num_elements() for v in variables)
     grads = [tf.random.normal(v.shape, stddev=1e-3, seed=i) for i, v in enumerate(variables)]
-    MGLARS = model_garden_lars()
+    MGLARS = testing.load_model_garden("modeling", "optimization", "lars.py").LARS
     optimizers = {
         "Keras SGD(momentum=0.9)": tf.keras.optimizers.SGD(learning_rate=0.1, momentum=0.9),
         "lars_tf.LARS": LARS(learning_rate=0.1, momentum=0.9,

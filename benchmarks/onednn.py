@@ -1,7 +1,7 @@
 """Training steps with TensorFlow's oneDNN CPU kernels off (TensorFlow's default on CPUs
 without AVX-512 VNNI) and on (lars_tf's default), side by side in one run.
 
-    python benchmarks/onednn.py [--rounds 3] [--nowrite]
+    python -m benchmarks.onednn [--rounds 3] [--nowrite]
 
 TensorFlow reads TF_ENABLE_ONEDNN_OPTS when it loads, so every measurement is a fresh
 process; within a round the two settings run back to back, in alternating order, and the
@@ -12,18 +12,14 @@ on random images (one process using all cores: the kernels, not Horovod, are mea
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from benchmarks import common  # noqa: E402
+from benchmarks import common
+from lars_tf import testing
 
 # (model, input shape, batch, timed steps)
 MODELS = (("small_cnn", (28, 28, 1), 1024, 10), ("resnet50", (224, 224, 3), 16, 3))
@@ -56,13 +52,12 @@ def measure(name: str) -> dict:
         model.train_on_batch(x, y)
     return {"images_per_sec": steps * batch / (time.perf_counter() - t0),
             "onednn": bool(_pywrap_util_port.IsMklEnabled()),
-            "peak_rss_mb": common.peak_rss_mb()}
+            "peak_rss_mb": testing.peak_rss_mb()}
 
 
 def run_child(name: str, onednn: str) -> dict:
-    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn}
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={name}"],
-                         env=env, check=True, capture_output=True, text=True).stdout
+    out = testing.run_job([sys.executable, "-m", "benchmarks.onednn", f"--child={name}"],
+                          timeout=3600, TF_ENABLE_ONEDNN_OPTS=onednn).stdout
     result = json.loads(out.strip().splitlines()[-1])
     if result["onednn"] != (onednn == "1"):
         raise SystemExit(f"TF_ENABLE_ONEDNN_OPTS={onednn} but oneDNN on = {result['onednn']}")

@@ -2,7 +2,7 @@
 1 thread on this machine (the same cores), and where the 2-rank step goes (compute vs
 all-reduce, from the Horovod timeline).
 
-    python benchmarks/scaling.py [--image_size 224] [--batch_per_core 16] [--epochs 3]
+    python -m benchmarks.scaling [--image_size 224] [--batch_per_core 16] [--epochs 3]
 
 Both runs go through launch/mpirun_cpu.sh (ranks bound to their cores, TensorFlow and
 OpenMP threads sized to them): --ranks-per-node 1 (2 threads) and 2 (1 thread each), the same
@@ -19,20 +19,15 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from benchmarks import common  # noqa: E402
+from benchmarks import common
+from lars_tf import testing
 
 flags.DEFINE_integer("image_size", 224, "Synthetic image side.")
 flags.DEFINE_integer("batch_per_core", 16, "Examples per core per step.")
@@ -44,7 +39,7 @@ FLAGS = flags.FLAGS
 
 def run(ranks: int, work: Path, timeline: Path | None) -> dict:
     model_dir = work / f"ranks{ranks}"
-    cmd = [str(ROOT / "launch" / "mpirun_cpu.sh"), "--ranks-per-node", str(ranks),
+    cmd = [str(testing.LAUNCH / "mpirun_cpu.sh"), "--ranks-per-node", str(ranks),
            "--cores-per-node", str(FLAGS.cores)]
     if timeline:
         cmd += ["--timeline-filename", str(timeline)]
@@ -52,12 +47,8 @@ def run(ranks: int, work: Path, timeline: Path | None) -> dict:
             f"--global_batch_size={FLAGS.batch_per_core * FLAGS.cores}",
             f"--epochs={FLAGS.epochs}", "--warmup_epochs=0", "--eval_every=1000",
             "--noprogress_bar", f"--model_dir={model_dir}", "--checkpoint_every=0"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    testing.run_job(cmd, timeout=3600)
     summary = json.loads((model_dir / "summary.json").read_text())
     steps = summary["steps_per_epoch"]
     speeds = [h["images_per_sec"] for h in summary["history"][1:]]

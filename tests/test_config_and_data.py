@@ -8,11 +8,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from lars_tf import TrainConfig
+from lars_tf import TrainConfig, testing
 from lars_tf import data as data_lib
 from lars_tf.data import fashion_mnist
 
-FMNIST = os.environ.get("LARS_TF_DATA_DIR", "/usr/share/datasets/fashion-mnist")
+FMNIST = testing.fashion_mnist_dir()
 
 
 @pytest.mark.parametrize("changes, flag", [

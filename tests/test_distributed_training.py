@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import launcher, run_job
+from lars_tf.testing import launcher, run_job
 
 
 def _load(path):

@@ -45,7 +45,7 @@ def _onednn(order: str, env: str | None) -> tuple[str, str]:
     import subprocess
     import sys
 
-    from tests.conftest import job_env
+    from lars_tf.testing import job_env
 
     environ = {k: v for k, v in job_env().items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     if env is not None:

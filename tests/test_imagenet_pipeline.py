@@ -3,7 +3,6 @@
 
 import collections
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -13,22 +12,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lars_tf import TrainConfig
+from lars_tf import TrainConfig, testing
 from lars_tf import data as data_lib
 from lars_tf.data import fashion_mnist, imagenet
-from tests.conftest import BIN, job_env, launcher, run_job
+from lars_tf.testing import BIN, job_env, launcher, run_job
 
-FMNIST = os.environ.get("LARS_TF_DATA_DIR", "/usr/share/datasets/fashion-mnist")
+FMNIST = testing.fashion_mnist_dir()
 PER_CLASS = 40
-
-
-def _photos():
-    """Real photographs bundled in scikit-image's wheel (not imported, just read)."""
-    spec = importlib.util.find_spec("skimage")
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
-    return {name: os.path.join(folder, name) for name in
-            ("rocket.jpg", "retina.jpg", "hubble_deep_field.jpg", "astronaut.png",
-             "coffee.png", "chelsea.png")}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +35,8 @@ def image_folder(tmp_path_factory):
             rgb = tf.image.resize(tf.image.grayscale_to_rgb(tf.constant(x[i])), [64, 64])
             jpeg = tf.io.encode_jpeg(tf.cast(rgb, tf.uint8), quality=90).numpy()
             (folder / f"fmnist_{i}.jpg").write_bytes(jpeg)
-    photos = _photos()
+    photos = testing.photos(("rocket.jpg", "retina.jpg", "hubble_deep_field.jpg",
+                             "astronaut.png", "coffee.png", "chelsea.png"))
     for n, (name, path) in enumerate(sorted(photos.items())):
         (root / f"class_{n % 3}" / name).write_bytes(open(path, "rb").read())
     (root / "class_0" / "noise.jpg").write_bytes(os.urandom(5000))
@@ -264,7 +255,7 @@ def _id_shards(root, files, records=24, photo="chelsea.png"):
     """``files`` train shards (and one validation shard) of one real photo, whose label is
     the record's id 0..records-1, spread over the files round-robin."""
     root.mkdir(exist_ok=True)
-    image = tf.io.decode_image(open(_photos()[photo], "rb").read(), channels=3)
+    image = tf.io.decode_image(open(testing.photos((photo,))[photo], "rb").read(), channels=3)
     jpeg = tf.io.encode_jpeg(tf.image.resize(image, [96, 128]).numpy().astype(np.uint8),
                              quality=90).numpy()
     for f in range(files):

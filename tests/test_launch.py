@@ -7,9 +7,8 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT, job_env, run_job
+from lars_tf.testing import LAUNCH, REPO, job_env, run_job
 
-LAUNCH = ROOT / "launch"
 SHORT_RUN = ["--model=mlp", "--epochs=1", "--warmup_epochs=0", "--global_batch_size=1024",
              "--progress_bar=false"]
 
@@ -78,7 +77,7 @@ def test_mpirun_launcher_binds_ranks_sizes_threads_and_autotunes(tmp_path):
 
 
 def dry_run(script, *args, **env):
-    proc = subprocess.run([str(LAUNCH / script), "--dry-run", *args], cwd=ROOT,
+    proc = subprocess.run([str(LAUNCH / script), "--dry-run", *args], cwd=REPO,
                           env=job_env(**env), capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     env_lines = [line for line in proc.stdout.splitlines() if line.startswith("export ")]

@@ -3,12 +3,12 @@
 import json
 import re
 
-from tests.conftest import ROOT, launcher, run_job
+from lars_tf.testing import REPO, launcher, run_job
 
 
 def _python_block(first_line: str) -> str:
     """The README's python code block that starts with ``first_line``."""
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
     found = [b for b in blocks if b.startswith(first_line)]
     assert len(found) == 1, f"README has {len(found)} python blocks starting {first_line!r}"
     return found[0]

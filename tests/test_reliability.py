@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import BIN, ROOT, job_env, launcher, rank_pids, run_job
+from lars_tf.testing import BIN, REPO, job_env, launcher, rank_pids, run_job
 from tests.test_trainer import _checkpoint_tensors
 
 RUN = ["--model=mlp", "--epochs=3", "--warmup_epochs=0.5", "--global_batch_size=1024",
@@ -22,7 +22,7 @@ RUN = ["--model=mlp", "--epochs=3", "--warmup_epochs=0.5", "--global_batch_size=
 
 
 def start(cmd, **env):
-    return subprocess.Popen(cmd, cwd=ROOT, env=job_env(**env), stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=REPO, env=job_env(**env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -129,7 +129,7 @@ def test_nan_loss_stops_every_rank_naming_the_step(tmp_path):
 
 
 def test_replica_check_names_the_first_differing_variable(tmp_path):
-    fault = [sys.executable, str(ROOT / "tests" / "workers" / "faults.py")]
+    fault = [sys.executable, str(REPO / "tests" / "workers" / "faults.py")]
     # a healthy run passes the check every 2 steps
     run_job(launcher("gloo") + fault + ["none", str(tmp_path / "ok"), "check_replicas_every=2"],
             timeout=180)
@@ -144,9 +144,9 @@ def test_replica_check_names_the_first_differing_variable(tmp_path):
 
 
 def test_stalled_rank_shuts_the_job_down_within_the_launchers_bound(tmp_path):
-    proc = start([str(ROOT / "launch" / "horovodrun_gpu.sh"), "--mpi", "--gpus-per-host", "2",
+    proc = start([str(REPO / "launch" / "horovodrun_gpu.sh"), "--mpi", "--gpus-per-host", "2",
                   "--stall-check-shutdown-time-seconds", "8", "--", sys.executable,
-                  str(ROOT / "tests" / "workers" / "faults.py"), "stall", str(tmp_path)],
+                  str(REPO / "tests" / "workers" / "faults.py"), "stall", str(tmp_path)],
                  HOROVOD_STALL_CHECK_TIME_SECONDS=2)
     out, _ = finish(proc, timeout=150)
     assert proc.returncode != 0

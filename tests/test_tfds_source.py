@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from lars_tf import TrainConfig
 from lars_tf import data as data_lib
-from tests.conftest import launcher, run_job
+from lars_tf.testing import launcher, run_job
 
 TRAIN_PER_CLASS, CLASSES, VAL = 4, 3, 6
 

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from lars_tf import TrainConfig
-from tests.conftest import BIN, job_env, launcher, run_job
+from lars_tf.testing import BIN, job_env, launcher, run_job
 
 SHORT = ["--model=small_cnn", "--global_batch_size=4096", "--epochs=2", "--learning_rate=3.0",
          "--warmup_epochs=0.5", "--deterministic", "--keep_checkpoints=1",
