@@ -3,83 +3,52 @@
 #
 # Order of precedence for a setting: launcher flag > variable already in the caller's
 # environment > preset file > Horovod's own default.
+#
+# A launcher declares its own options in LAUNCHER_OPTIONS and calls `parse_args "$@"`, the
+# one argument loop (below); the functions after it take their input as arguments and
+# print their result.
 
 LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PRESET_DIR="$LAUNCH_DIR/presets"
-DRY_RUN=0
-LT_VARS=()          # the variables this launch exports, in the order they were set
-PROGRAM=()          # what every rank runs
-FP16_ALLREDUCE=0
 
 die() {  # a bad-input error: exit 2 before anything has started
     printf '%s: error: %s\n' "$(basename "$0")" "$*" >&2
     exit 2
 }
 
-setvar() {  # setvar NAME VALUE [ORIGIN]: export for every rank and remember for --dry-run
-    local name="$1" value="$2" v
-    export "$name=$value"
-    ORIGIN[$name]="${3:-launcher}"
-    for v in "${LT_VARS[@]}"; do [[ "$v" == "$name" ]] && return; done
-    LT_VARS+=("$name")
-}
-
-declare -A ORIGIN=()     # where each exported value came from
-declare -A OVERRIDES=()  # flag settings, applied over the preset
+# ---- the launch's state: what parse_args read, what the launch exports ----------------
 PRESET=single_node
+DRY_RUN=0
+FP16_ALLREDUCE=0
+PROGRAM=()               # what every rank runs
+declare -A OVERRIDES=()  # Horovod variables set by flags, applied over the preset
+declare -A ORIGIN=()     # where each exported value came from
+LT_VARS=()               # the variables this launch exports, in the order they were set
 
-presets() {  # the preset names, one line
-    local f names=()
-    for f in "$PRESET_DIR"/*.env; do names+=("$(basename "$f" .env)"); done
-    printf '%s' "${names[*]}"
-}
+# ---- options -----------------------------------------------------------------------
+# One entry per option: "FLAG[|ALIAS] TARGET KIND". TARGET is a shell variable of the
+# launcher, or env:NAME for a Horovod variable that goes over the preset. KIND says what
+# the option takes: value (the next word as given), uint, number, mb (megabytes, stored in
+# bytes), newfile (a file to write: made absolute, its folder must be writable), preset
+# (a name in launch/presets/), or =VALUE for a switch that takes no word.
+TUNING_OPTIONS=(
+    "--preset PRESET preset"
+    "--fusion-threshold-mb env:HOROVOD_FUSION_THRESHOLD mb"
+    "--cycle-time-ms env:HOROVOD_CYCLE_TIME number"
+    "--cache-capacity env:HOROVOD_CACHE_CAPACITY uint"
+    "--hierarchical-allreduce env:HOROVOD_HIERARCHICAL_ALLREDUCE =1"
+    "--no-hierarchical-allreduce env:HOROVOD_HIERARCHICAL_ALLREDUCE =0"
+    "--fp16-allreduce FP16_ALLREDUCE =1"
+    "--autotune env:HOROVOD_AUTOTUNE =1"
+    "--autotune-log-file env:HOROVOD_AUTOTUNE_LOG newfile"
+    "--timeline-filename env:HOROVOD_TIMELINE newfile"
+    "--stall-check-shutdown-time-seconds env:HOROVOD_STALL_SHUTDOWN_TIME_SECONDS uint"
+    "--dry-run DRY_RUN =1"
+)
+# The launchers' names before they were spelled as horovodrun spells them.
+declare -A RENAMED=([--autotune-log]=--autotune-log-file [--timeline]=--timeline-filename
+                    [--stall-shutdown-sec]=--stall-check-shutdown-time-seconds)
 
-check_preset() {
-    [[ -f "$PRESET_DIR/$1.env" ]] || die "--preset=$1: unknown preset (choose one of: $(presets))"
-}
-
-load_preset() {  # load_preset NAME: KEY=VALUE lines; the caller's environment wins
-    local name="$1" file="$PRESET_DIR/$1.env" line key value
-    check_preset "$name"
-    while IFS= read -r line || [[ -n "$line" ]]; do
-        line="${line%%#*}"
-        line="${line#"${line%%[![:space:]]*}"}"
-        line="${line%"${line##*[![:space:]]}"}"
-        [[ -z "$line" ]] && continue
-        [[ "$line" =~ ^([A-Z_][A-Z0-9_]*)=(.*)$ ]] \
-            || die "preset $file: cannot read line '$line' (want KEY=VALUE)"
-        key="${BASH_REMATCH[1]}" value="${BASH_REMATCH[2]}"
-        if [[ -n "${!key+x}" ]]; then
-            setvar "$key" "${!key}" "your environment"
-        else
-            setvar "$key" "$value" "preset $name"
-        fi
-    done < "$file"
-}
-
-apply_settings() {  # after parsing: the caller's HOROVOD_/NCCL_/KMP_/TF_* variables, the
-    local key       # preset, then the flags over it
-    while IFS= read -r key; do
-        setvar "$key" "${!key}" "your environment"
-    done < <(compgen -e | grep -E '^(HOROVOD_|NCCL_|KMP_|TF_(CPP|ENABLE|GPU|XLA|FORCE|NUM|DETERMINISTIC)_)' || true)
-    load_preset "$PRESET"
-    for key in "${!OVERRIDES[@]}"; do setvar "$key" "${OVERRIDES[$key]}" flag; done
-}
-
-need_value() {  # need_value FLAG "$#": the flag must have an argument
-    [[ "$2" -ge 2 ]] || die "$1 needs a value"
-}
-
-uint() {  # uint FLAG VALUE: a non-negative integer
-    [[ "$2" =~ ^[0-9]+$ ]] || die "$1=$2: must be an integer >= 0"
-}
-
-number() {  # number FLAG VALUE: a non-negative number
-    [[ "$2" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "$1=$2: must be a number >= 0"
-}
-
-# The tuning flags every launcher takes. tuning_flag "$@" consumes one flag (returning the
-# number of words used) or returns 0 when the flag is not one of these.
 TUNING_HELP='Horovod tuning (override the preset):
   --preset NAME              environment preset from launch/presets/ (default: single_node)
   --fusion-threshold-mb N    tensor fusion buffer in MB (0: fusion off)
@@ -97,57 +66,70 @@ TUNING_HELP='Horovod tuning (override the preset):
 (Tuning flags are spelled as horovodrun spells them.)
   --dry-run                  print the environment and the command, start nothing'
 
-override() { OVERRIDES[$1]="$2"; }
-
-TUNING_USED=0
-tuning_flag() {
-    TUNING_USED=0
-    case "$1" in
-        --preset) need_value "$1" "$#"; check_preset "$2"; PRESET="$2"; TUNING_USED=2 ;;
-        --fusion-threshold-mb)
-            need_value "$1" "$#"; uint "$1" "$2"
-            override HOROVOD_FUSION_THRESHOLD "$(( $2 * 1024 * 1024 ))"; TUNING_USED=2 ;;
-        --cycle-time-ms)
-            need_value "$1" "$#"; number "$1" "$2"
-            override HOROVOD_CYCLE_TIME "$2"; TUNING_USED=2 ;;
-        --cache-capacity)
-            need_value "$1" "$#"; uint "$1" "$2"
-            override HOROVOD_CACHE_CAPACITY "$2"; TUNING_USED=2 ;;
-        --hierarchical-allreduce) override HOROVOD_HIERARCHICAL_ALLREDUCE 1; TUNING_USED=1 ;;
-        --no-hierarchical-allreduce) override HOROVOD_HIERARCHICAL_ALLREDUCE 0; TUNING_USED=1 ;;
-        --fp16-allreduce) FP16_ALLREDUCE=1; TUNING_USED=1 ;;
-        --autotune) override HOROVOD_AUTOTUNE 1; TUNING_USED=1 ;;
-        --autotune-log-file)
-            need_value "$1" "$#"; abspath_new "$1" "$2"; override HOROVOD_AUTOTUNE 1
-            override HOROVOD_AUTOTUNE_LOG "$ABS"; TUNING_USED=2 ;;
-        --timeline-filename)
-            need_value "$1" "$#"; abspath_new "$1" "$2"
-            override HOROVOD_TIMELINE "$ABS"; TUNING_USED=2 ;;
-        --stall-check-shutdown-time-seconds)
-            need_value "$1" "$#"; uint "$1" "$2"
-            override HOROVOD_STALL_SHUTDOWN_TIME_SECONDS "$2"; TUNING_USED=2 ;;
-        --autotune-log|--timeline|--stall-shutdown-sec)  # the names before horovodrun's
-            local new
-            new="$(renamed "$1")"
-            die "$1 is now $new, as horovodrun spells it" ;;
-        --dry-run) DRY_RUN=1; TUNING_USED=1 ;;
-    esac
+option_spec() {  # option_spec WORD: "TARGET KIND" of the option WORD names; 1 if none does
+    local entry flags target kind alias aliases
+    for entry in "${TUNING_OPTIONS[@]}" "${LAUNCHER_OPTIONS[@]}"; do
+        read -r flags target kind <<< "$entry"
+        IFS='|' read -ra aliases <<< "$flags"
+        for alias in "${aliases[@]}"; do
+            if [[ "$alias" == "$1" ]]; then
+                printf '%s %s' "$target" "$kind"
+                return 0
+            fi
+        done
+    done
+    return 1
 }
 
-renamed() {  # renamed OLD_FLAG: the horovodrun name that replaced it
-    case "$1" in
-        --autotune-log) printf '%s' --autotune-log-file ;;
-        --timeline) printf '%s' --timeline-filename ;;
-        --stall-shutdown-sec) printf '%s' --stall-check-shutdown-time-seconds ;;
-    esac
-}
-
-ABS=""
-abspath_new() {  # abspath_new FLAG PATH: ABS = PATH made absolute; its folder must be writable
+checked() {  # checked FLAG KIND VALUE: VALUE as the option stores it, or exit 2 naming FLAG
     local dir
-    dir="$(dirname -- "$2")"
-    [[ -d "$dir" && -w "$dir" ]] || die "$1=$2: folder $dir does not exist or is not writable"
-    ABS="$(cd "$dir" && pwd)/$(basename -- "$2")"
+    case "$2" in
+        value) printf '%s' "$3" ;;
+        uint) [[ "$3" =~ ^[0-9]+$ ]] || die "$1=$3: must be an integer >= 0"; printf '%s' "$3" ;;
+        number) [[ "$3" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "$1=$3: must be a number >= 0"
+                printf '%s' "$3" ;;
+        mb) [[ "$3" =~ ^[0-9]+$ ]] || die "$1=$3: must be an integer >= 0"
+            printf '%d' "$(( $3 * 1024 * 1024 ))" ;;
+        preset) [[ -f "$PRESET_DIR/$3.env" ]] \
+                    || die "$1=$3: unknown preset (choose one of: $(preset_names))"
+                printf '%s' "$3" ;;
+        newfile) dir="$(dirname -- "$3")"
+                 [[ -d "$dir" && -w "$dir" ]] \
+                     || die "$1=$3: folder $dir does not exist or is not writable"
+                 printf '%s/%s' "$(cd "$dir" && pwd)" "$(basename -- "$3")" ;;
+        *) die "internal: option $1 has an unknown kind '$2'" ;;
+    esac
+}
+
+parse_args() {  # parse_args "$@": every option, then the program after "--" (set_program)
+    local word spec target kind value
+    while [[ $# -gt 0 ]]; do
+        word="$1"
+        case "$word" in
+            -h|--help) usage; exit 0 ;;
+            --) shift; break ;;
+        esac
+        [[ -z "${RENAMED[$word]:-}" ]] || die "$word is now ${RENAMED[$word]}, as horovodrun spells it"
+        spec="$(option_spec "$word")" \
+            || die "unknown option '$word' (see --help; lars-train's flags go after --)"
+        read -r target kind <<< "$spec"
+        if [[ "$kind" == =* ]]; then
+            value="${kind#=}"
+            shift
+        else
+            [[ $# -ge 2 ]] || die "$word needs a value"
+            value="$(checked "$word" "$kind" "$2")"
+            shift 2
+        fi
+        if [[ "$target" == env:* ]]; then
+            OVERRIDES[${target#env:}]="$value"
+        else
+            printf -v "$target" '%s' "$value"
+        fi
+    done
+    # an autotune log is only written while autotuning
+    [[ -z "${OVERRIDES[HOROVOD_AUTOTUNE_LOG]:-}" ]] || OVERRIDES[HOROVOD_AUTOTUNE]=1
+    set_program "$@"
 }
 
 set_program() {  # set_program ARGS...: what follows "--" (default program: lars-train)
@@ -164,25 +146,70 @@ set_program() {  # set_program ARGS...: what follows "--" (default program: lars
     fi
 }
 
-# Hosts: "-H a:4,b:4" or a hostfile with lines "host slots=N" / "host:N" / "host".
-HOSTS=()     # host names
-SLOTS=()     # slots per host (0: not given)
+is_lars_train() { [[ "$(basename -- "${PROGRAM[0]}")" == lars-train ]]; }
 
-parse_host_list() {  # parse_host_list FLAG "a:4,b,c:2"
-    local item h s
+# ---- environment: presets, the caller's variables, the flags -------------------------
+setvar() {  # setvar NAME VALUE [ORIGIN]: export for every rank and remember for --dry-run
+    local name="$1" value="$2" v
+    export "$name=$value"
+    ORIGIN[$name]="${3:-launcher}"
+    for v in "${LT_VARS[@]}"; do [[ "$v" == "$name" ]] && return; done
+    LT_VARS+=("$name")
+}
+
+preset_names() {  # the preset names, one line
+    local f names=()
+    for f in "$PRESET_DIR"/*.env; do names+=("$(basename "$f" .env)"); done
+    printf '%s' "${names[*]}"
+}
+
+preset_lines() {  # preset_lines NAME: the preset's settings, one KEY=VALUE a line
+    local file="$PRESET_DIR/$1.env" line
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        line="${line%%#*}"
+        line="${line#"${line%%[![:space:]]*}"}"
+        line="${line%"${line##*[![:space:]]}"}"
+        [[ -z "$line" ]] && continue
+        [[ "$line" =~ ^[A-Z_][A-Z0-9_]*=.*$ ]] \
+            || die "preset $file: cannot read line '$line' (want KEY=VALUE)"
+        printf '%s\n' "$line"
+    done < "$file"
+}
+
+apply_settings() {  # after parse_args: the caller's HOROVOD_/NCCL_/KMP_/TF_* variables,
+    local key value lines  # the preset under them, then the flags over both
+    while IFS= read -r key; do
+        setvar "$key" "${!key}" "your environment"
+    done < <(compgen -e | grep -E '^(HOROVOD_|NCCL_|KMP_|TF_(CPP|ENABLE|GPU|XLA|FORCE|NUM|DETERMINISTIC)_)' || true)
+    lines="$(preset_lines "$PRESET")"
+    while IFS='=' read -r key value; do
+        [[ -n "$key" ]] || continue
+        if [[ -n "${!key+x}" ]]; then
+            setvar "$key" "${!key}" "your environment"
+        else
+            setvar "$key" "$value" "preset $PRESET"
+        fi
+    done <<< "$lines"
+    for key in "${!OVERRIDES[@]}"; do setvar "$key" "${OVERRIDES[$key]}" flag; done
+}
+
+# ---- hosts: a list "host:slots,..." (slots 0: not given) ----------------------------
+host_list_arg() {  # host_list_arg FLAG "a:4,b,c:2": the list, every host with its slots
+    local item h s out=() items
     IFS=',' read -r -a items <<< "$2"
     for item in "${items[@]}"; do
         [[ -n "$item" ]] || continue
         h="${item%%:*}" s=0
         [[ "$item" == *:* ]] && s="${item#*:}"
         [[ "$s" =~ ^[0-9]+$ ]] || die "$1: '$item': slots must be an integer (host:slots)"
-        HOSTS+=("$h") SLOTS+=("$s")
+        out+=("$h:$s")
     done
-    [[ ${#HOSTS[@]} -gt 0 ]] || die "$1: no hosts given"
+    [[ ${#out[@]} -gt 0 ]] || die "$1: no hosts given"
+    (IFS=,; printf '%s' "${out[*]}")
 }
 
-parse_hostfile() {  # parse_hostfile FLAG FILE
-    local file="$2" line h s
+hostfile_list() {  # hostfile_list FLAG FILE: lines "host slots=N", "host:N" or "host"
+    local file="$2" line h rest s out=()
     [[ -f "$file" ]] || die "$1=$file: no such hostfile"
     [[ -r "$file" ]] || die "$1=$file: cannot be read"
     while IFS= read -r line || [[ -n "$line" ]]; do
@@ -196,48 +223,53 @@ parse_hostfile() {  # parse_hostfile FLAG FILE
             s="${BASH_REMATCH[1]}"
         fi
         [[ "$s" =~ ^[0-9]+$ ]] || die "$1=$file: line '$line': slots must be an integer"
-        HOSTS+=("$h") SLOTS+=("$s")
+        out+=("$h:$s")
     done < "$file"
-    [[ ${#HOSTS[@]} -gt 0 ]] || die "$1=$file: the hostfile lists no hosts"
+    [[ ${#out[@]} -gt 0 ]] || die "$1=$file: the hostfile lists no hosts"
+    (IFS=,; printf '%s' "${out[*]}")
 }
 
-read_hosts() {  # read_hosts "-H value" "--hostfile value": one of them, default localhost
+read_hosts() {  # read_hosts H_VALUE HOSTFILE: the list from -H or --hostfile (default localhost)
     [[ -n "$1" && -n "$2" ]] && die "give -H or --hostfile, not both"
     if [[ -n "$2" ]]; then
-        parse_hostfile --hostfile "$2"
+        hostfile_list --hostfile "$2"
     else
-        parse_host_list -H "${1:-localhost}"
+        host_list_arg -H "${1:-localhost}"
     fi
 }
 
-fill_slots() {  # fill_slots N: hosts without a slot count get N
-    local i
-    for i in "${!SLOTS[@]}"; do
-        [[ "${SLOTS[$i]}" == 0 ]] && SLOTS[$i]="$1"
+fill_slots() {  # fill_slots LIST N: hosts without a slot count get N
+    local item out=() items
+    IFS=',' read -r -a items <<< "$1"
+    for item in "${items[@]}"; do
+        [[ "${item#*:}" == 0 ]] && item="${item%%:*}:$2"
+        out+=("$item")
     done
-    return 0
+    (IFS=,; printf '%s' "${out[*]}")
 }
 
-total_slots() {
-    local s t=0
-    for s in "${SLOTS[@]}"; do t=$(( t + s )); done
+total_slots() {  # total_slots LIST
+    local item t=0 items
+    IFS=',' read -r -a items <<< "$1"
+    for item in "${items[@]}"; do t=$(( t + ${item#*:} )); done
     printf '%d' "$t"
 }
 
-host_list() {  # a:4,b:4
-    local i out=()
-    for i in "${!HOSTS[@]}"; do out+=("${HOSTS[$i]}:${SLOTS[$i]}"); done
-    local IFS=,
-    printf '%s' "${out[*]}"
+host_names() {  # host_names LIST: a,b,...
+    local item out=() items
+    IFS=',' read -r -a items <<< "$1"
+    for item in "${items[@]}"; do out+=("${item%%:*}"); done
+    (IFS=,; printf '%s' "${out[*]}")
 }
 
-check_np() {  # check_np NP: the hosts must offer at least NP slots
+check_np() {  # check_np NP LIST: the hosts must offer at least NP slots
     local slots
-    slots="$(total_slots)"
+    slots="$(total_slots "$2")"
     [[ "$1" =~ ^[1-9][0-9]*$ ]] || die "-np=$1: must be an integer >= 1"
-    (( $1 <= slots )) || die "-np=$1: more processes than the $slots slots the hosts offer ($(host_list))"
+    (( $1 <= slots )) || die "-np=$1: more processes than the $slots slots the hosts offer ($2)"
 }
 
+# ---- start ---------------------------------------------------------------------------
 show_and_run() {  # show_and_run CMD...: --dry-run prints, otherwise exec
     local v
     if [[ "$DRY_RUN" == 1 ]]; then

@@ -32,23 +32,16 @@ EOF
 }
 
 HOST_ARGS="" HOSTFILE="" NP="" GPUS_PER_HOST="" NIC="" CONTROLLER=""
-while [[ $# -gt 0 ]]; do
-    tuning_flag "$@"
-    if [[ "$TUNING_USED" -gt 0 ]]; then shift "$TUNING_USED"; continue; fi
-    case "$1" in
-        -h|--help) usage; exit 0 ;;
-        -H|--hosts) need_value "$1" "$#"; HOST_ARGS="$2"; shift 2 ;;
-        --hostfile) need_value "$1" "$#"; HOSTFILE="$2"; shift 2 ;;
-        --gpus-per-host) need_value "$1" "$#"; uint "$1" "$2"; GPUS_PER_HOST="$2"; shift 2 ;;
-        -np) need_value "$1" "$#"; NP="$2"; shift 2 ;;
-        --network-interface) need_value "$1" "$#"; NIC="$2"; shift 2 ;;
-        --mpi) CONTROLLER="--mpi"; shift ;;
-        --gloo) CONTROLLER="--gloo"; shift ;;
-        --) shift; break ;;
-        *) die "unknown option '$1' (see --help; lars-train's flags go after --)" ;;
-    esac
-done
-set_program "$@"
+LAUNCHER_OPTIONS=(
+    "-H|--hosts HOST_ARGS value"
+    "--hostfile HOSTFILE value"
+    "--gpus-per-host GPUS_PER_HOST uint"
+    "-np NP value"
+    "--network-interface NIC value"
+    "--mpi CONTROLLER =--mpi"
+    "--gloo CONTROLLER =--gloo"
+)
+parse_args "$@"
 apply_settings
 
 if [[ -z "$GPUS_PER_HOST" ]]; then
@@ -59,10 +52,10 @@ if [[ -z "$GPUS_PER_HOST" ]]; then
     fi
 fi
 [[ "$GPUS_PER_HOST" -ge 1 ]] || die "--gpus-per-host=$GPUS_PER_HOST: must be >= 1"
-read_hosts "$HOST_ARGS" "$HOSTFILE"
-fill_slots "$GPUS_PER_HOST"
-NP="${NP:-$(total_slots)}"
-check_np "$NP"
+HOSTS="$(read_hosts "$HOST_ARGS" "$HOSTFILE")"
+HOSTS="$(fill_slots "$HOSTS" "$GPUS_PER_HOST")"
+NP="${NP:-$(total_slots "$HOSTS")}"
+check_np "$NP" "$HOSTS"
 
 if [[ -n "$NIC" ]]; then
     setvar NCCL_SOCKET_IFNAME "$NIC"
@@ -75,7 +68,7 @@ if [[ "$CONTROLLER" == --gloo && "${HOROVOD_STALL_SHUTDOWN_TIME_SECONDS:-0}" != 
     echo "$(basename "$0"): note: under Gloo, Horovod 0.28.1 reports no stalled rank and does" \
          "not shut a stalled job down (HOROVOD_STALL_SHUTDOWN_TIME_SECONDS); use --mpi for that" >&2
 fi
-CMD=(horovodrun "$CONTROLLER" -np "$NP" -H "$(host_list)")
+CMD=(horovodrun "$CONTROLLER" -np "$NP" -H "$HOSTS")
 [[ -n "$NIC" ]] && CMD+=(--network-interface "$NIC")
 # horovodrun 0.28.1 passes Open MPI <= 4's single-dash "-bind-to none -map-by slot", which
 # Open MPI 5's mpirun rejects; give the binding in a form both accept.

@@ -34,25 +34,18 @@ EOF
 }
 
 HOST_ARGS="" HOSTFILE="" RPN="" RPS="" CORES="" SOCKETS="" INTER=2 NIC="" MPIRUN=mpirun
-while [[ $# -gt 0 ]]; do
-    tuning_flag "$@"
-    if [[ "$TUNING_USED" -gt 0 ]]; then shift "$TUNING_USED"; continue; fi
-    case "$1" in
-        -h|--help) usage; exit 0 ;;
-        -H|--hosts) need_value "$1" "$#"; HOST_ARGS="$2"; shift 2 ;;
-        --hostfile) need_value "$1" "$#"; HOSTFILE="$2"; shift 2 ;;
-        --ranks-per-node) need_value "$1" "$#"; uint "$1" "$2"; RPN="$2"; shift 2 ;;
-        --ranks-per-socket) need_value "$1" "$#"; uint "$1" "$2"; RPS="$2"; shift 2 ;;
-        --cores-per-node) need_value "$1" "$#"; uint "$1" "$2"; CORES="$2"; shift 2 ;;
-        --sockets-per-node) need_value "$1" "$#"; uint "$1" "$2"; SOCKETS="$2"; shift 2 ;;
-        --inter-op-threads) need_value "$1" "$#"; uint "$1" "$2"; INTER="$2"; shift 2 ;;
-        --network-interface) need_value "$1" "$#"; NIC="$2"; shift 2 ;;
-        --mpirun) need_value "$1" "$#"; MPIRUN="$2"; shift 2 ;;
-        --) shift; break ;;
-        *) die "unknown option '$1' (see --help; lars-train's flags go after --)" ;;
-    esac
-done
-set_program "$@"
+LAUNCHER_OPTIONS=(
+    "-H|--hosts HOST_ARGS value"
+    "--hostfile HOSTFILE value"
+    "--ranks-per-node RPN uint"
+    "--ranks-per-socket RPS uint"
+    "--cores-per-node CORES uint"
+    "--sockets-per-node SOCKETS uint"
+    "--inter-op-threads INTER uint"
+    "--network-interface NIC value"
+    "--mpirun MPIRUN value"
+)
+parse_args "$@"
 apply_settings
 
 [[ -n "$RPN" && -n "$RPS" ]] && die "give --ranks-per-node or --ranks-per-socket, not both"
@@ -80,17 +73,19 @@ else
     (( PE >= 1 )) || die "--ranks-per-socket=$RPS: more ranks than the $(( CORES / SOCKETS )) cores of a socket"
 fi
 
-read_hosts "$HOST_ARGS" "$HOSTFILE"
-for i in "${!SLOTS[@]}"; do
-    if [[ "${SLOTS[$i]}" != 0 ]] && (( SLOTS[i] < PER_NODE )); then
-        die "${HOSTS[$i]} offers ${SLOTS[$i]} slots, fewer than the $PER_NODE ranks per node asked for"
+HOSTS="$(read_hosts "$HOST_ARGS" "$HOSTFILE")"
+IFS=',' read -r -a entries <<< "$HOSTS"
+for entry in "${entries[@]}"; do
+    slots="${entry#*:}"
+    if [[ "$slots" != 0 ]] && (( slots < PER_NODE )); then
+        die "${entry%%:*} offers $slots slots, fewer than the $PER_NODE ranks per node asked for"
     fi
-    SLOTS[$i]="$PER_NODE"
 done
-NP="$(total_slots)"
+HOSTS="$(fill_slots "$(host_names "$HOSTS")" "$PER_NODE")"  # every node gets PER_NODE
+NP="$(total_slots "$HOSTS")"
 
 setvar OMP_NUM_THREADS "$PE"
-if [[ "$(basename -- "${PROGRAM[0]}")" == lars-train ]]; then
+if is_lars_train; then
     PROGRAM+=(--intra_op_threads="$PE" --inter_op_threads="$INTER")
 fi
 
@@ -103,13 +98,13 @@ if [[ "$VERSION" == *"Open MPI"* ]]; then
     socket=package
     [[ "${major:-5}" -lt 5 ]] && socket=socket
     if [[ "$UNIT" == node ]]; then map="ppr:$PER_NODE:node:PE=$PE"; else map="ppr:$RPS:$socket:PE=$PE"; fi
-    CMD=("$MPIRUN" -np "$NP" -H "$(host_list)" --map-by "$map" --bind-to core)
+    CMD=("$MPIRUN" -np "$NP" -H "$HOSTS" --map-by "$map" --bind-to core)
     for v in "${EXPORTS[@]}"; do CMD+=(-x "$v"); done
     [[ -n "$NIC" ]] && CMD+=(--mca btl_tcp_if_include "$NIC" --mca oob_tcp_if_include "$NIC")
     [[ "$(id -u)" == 0 ]] && CMD+=(--allow-run-as-root)
 elif [[ "$VERSION" == *HYDRA* || "$VERSION" == *"Intel(R) MPI"* ]]; then
     # MPICH and Intel MPI (both use the Hydra process manager)
-    hosts="$(IFS=,; printf '%s' "${HOSTS[*]}")"
+    hosts="$(host_names "$HOSTS")"
     vars="$(IFS=,; printf '%s' "${EXPORTS[*]}")"
     CMD=("$MPIRUN" -n "$NP" -ppn "$PER_NODE" -hosts "$hosts" -bind-to "core:$PE"
          -genvlist "$vars")
