@@ -9,7 +9,7 @@ and in a single process:
 - ``ExactEval``: evaluation over all ranks' shares of the eval set, exactly once each.
 - ``StopOnNonFinite``, ``StopOnStuckLossScale``, ``Watchdog``: stop a run that cannot go on.
 - ``EpochTimer``, ``LearningRateLogger``, ``SkippedRecords``, ``TimeToAccuracy``,
-  ``EpochLog``: the per-epoch figures of the run summary.
+  ``EpochLog``: the per-epoch figures of the run summary; ``LogEpoch`` logs them.
 - ``SaveCheckpoints``: atomic checkpoints (add it on rank 0 only).
 
 Metric averaging over ranks is Horovod's own (``lars_tf.distributed.metric_average_callback``).
@@ -294,24 +294,34 @@ class LearningRateLogger(tf.keras.callbacks.Callback):
 
 
 class EpochLog(tf.keras.callbacks.Callback):
-    """Keeps the per-epoch history; rank 0 logs one line per epoch."""
+    """Appends each epoch's figures (the logs of the callbacks before it) to ``history``."""
 
-    def __init__(self, history: list, chief: bool):
+    def __init__(self, history: list):
         super().__init__()
-        self.history, self.chief = history, chief
+        self.history = history
 
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": epoch + 1}
         row.update({k: float(v) for k, v in (logs or {}).items()})
         self.history.append(row)
-        if self.chief:
-            test = row.get("test_accuracy")
-            logging.info(
-                "epoch %3d  loss %.4f  train acc %.4f  test acc %s  lr %.4g  "
-                "%.0f images/sec", row["epoch"], row.get("loss", math.nan),
-                row.get("accuracy", math.nan),
-                "  -   " if test is None else f"{test:.4f}", row["learning_rate"],
-                row["images_per_sec"])
+
+
+class LogEpoch(tf.keras.callbacks.Callback):
+    """One log line per epoch from the row ``EpochLog`` (before it) added to ``history``
+    (add it on rank 0 only)."""
+
+    def __init__(self, history: list):
+        super().__init__()
+        self.history = history
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = self.history[-1]
+        test = row.get("test_accuracy")
+        logging.info(
+            "epoch %3d  loss %.4f  train acc %.4f  test acc %s  lr %.4g  %.0f images/sec",
+            row["epoch"], row.get("loss", math.nan), row.get("accuracy", math.nan),
+            "  -   " if test is None else f"{test:.4f}", row.get("learning_rate", math.nan),
+            row.get("images_per_sec", math.nan))
 
 
 class SaveCheckpoints(tf.keras.callbacks.Callback):

@@ -1,4 +1,6 @@
-"""The run summary (``summary.json``) and the rank-0 logs of each rank's launch settings."""
+"""What a run leaves behind: the run summary (``summary.json``), its logs, checkpoints and
+TensorBoard files, all written by rank 0 alone (``ChiefOutputs``; the other ranks get
+``RunOutputs``, which does nothing)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,11 @@ import resource
 import tempfile
 
 import numpy as np
+import tensorflow as tf
 from absl import logging
 
-from lars_tf import distributed
+from lars_tf import callbacks as cb
+from lars_tf import distributed, presets
 
 SUMMARY_FILE = "summary.json"
 
@@ -88,3 +92,62 @@ def write_json(path: str, obj) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+class RunOutputs:
+    """What a rank other than 0 writes and logs: nothing. The trainer's one ``is_chief``
+    check picks this class or ``ChiefOutputs``, so every side effect that must happen once
+    (files, logs, the progress bar) lives in ``ChiefOutputs``."""
+
+    progress_bar = False
+
+    def started(self, trainer, datasets, start_epoch: int, end_epoch: int) -> None:
+        """Training is about to begin (every rank has the same state)."""
+
+    def callbacks(self, trainer, optimizer, tta, t_begin: float, end_epoch: int) -> list:
+        """Keras callbacks that write or log during ``fit``."""
+        return []
+
+    def finished(self, summary: dict) -> None:
+        """The run is over; ``summary`` is what ``Trainer.fit`` returns."""
+
+
+class ChiefOutputs(RunOutputs):
+    """Rank 0: the start-up logs (each rank's settings, the preset, the run's shape), one
+    log line per epoch, checkpoints, TensorBoard, and ``summary.json`` in ``model_dir``."""
+
+    def __init__(self, config):
+        self.config = config
+        self.progress_bar = bool(config.progress_bar)
+
+    def started(self, trainer, datasets, start_epoch, end_epoch):
+        config, world = self.config, trainer.world
+        log_rank_settings(trainer.rank_settings)
+        if config.preset:
+            presets.log_preset(config)
+        k = config.backward_passes_per_step
+        logging.info(
+            "training %s on %s: %d ranks x %d passes x %d = global batch %d, "
+            "%d updates/epoch, epochs %d-%d of %d, %s lr %.4g, %s", trainer.model.name,
+            config.dataset, world.size, k, config.per_rank_batch_size(world.size),
+            config.global_batch_size, datasets.steps_per_epoch // k, start_epoch + 1,
+            end_epoch, config.epochs, config.optimizer, config.learning_rate,
+            config.precision)
+
+    def callbacks(self, trainer, optimizer, tta, t_begin, end_epoch):
+        config = self.config
+        out = [cb.LogEpoch(trainer.history)]
+        if config.model_dir:
+            if config.checkpoint_every:
+                out.append(cb.SaveCheckpoints(config, optimizer, trainer.history, tta,
+                                              t_begin, end_epoch))
+            out.append(tf.keras.callbacks.TensorBoard(
+                os.path.join(config.model_dir, "tensorboard"), update_freq="epoch",
+                profile_batch=0, write_graph=False))
+        return out
+
+    def finished(self, summary):
+        if self.config.model_dir:
+            path = os.path.join(self.config.model_dir, SUMMARY_FILE)
+            write_json(path, summary)
+            logging.info("summary written to %s", path)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import tensorflow as tf
 from absl import logging
 
-from lars_tf import build, checkpoint, distributed, presets
+from lars_tf import build, checkpoint, distributed
 from lars_tf import callbacks as cb
 from lars_tf import data as data_lib
 from lars_tf import precision as precision_lib
@@ -28,7 +27,7 @@ class Trainer:
     rank's batched ``tf.data`` datasets (the same N on every rank; ``eval_ds`` holds this
     rank's share of the eval examples). ``callbacks`` (Keras callbacks) run on every rank
     after the trainer's own. Rank 0 alone logs and writes ``model_dir``:
-    checkpoints, TensorBoard logs and ``summary.json``.
+    checkpoints, TensorBoard logs and ``summary.json`` (``lars_tf.summary.ChiefOutputs``).
     """
 
     def __init__(self, config: TrainConfig, model: tf.keras.Model | None = None):
@@ -44,11 +43,14 @@ class Trainer:
         tf.keras.utils.set_random_seed(config.seed)
         self.model = model
         self.history: list[dict] = []
+        # the one rank-0 check: every log line and file of the run goes through this
+        self.outputs = (summary_lib.ChiefOutputs(config) if self.world.is_chief
+                        else summary_lib.RunOutputs())
 
     def fit(self, train: tf.data.Dataset | data_lib.Datasets | None = None,
             eval: tf.data.Dataset | None = None, steps_per_epoch: int | None = None,
             callbacks: list[tf.keras.callbacks.Callback] | None = None) -> dict:
-        config, world = self.config, self.world
+        config, world, outputs = self.config, self.world, self.outputs
         t_start = time.time()
         resume = self._find_checkpoint()
         start_epoch = resume[0] if resume else 0
@@ -78,21 +80,8 @@ class Trainer:
         tf.keras.utils.set_random_seed(data_lib.rank_seed(config.seed, world.rank))
         self.rank_settings = distributed.gather_object(distributed.rank_settings(),
                                                        name="lars_tf.rank_settings")
-        if world.is_chief:
-            summary_lib.log_rank_settings(self.rank_settings)
-            if config.preset:
-                presets.log_preset(config)
-
         end_epoch = config.stop_after_epoch or config.epochs
-        if world.is_chief:
-            logging.info(
-                "training %s on %s: %d ranks x %d passes x %d = global batch %d, "
-                "%d updates/epoch, epochs %d-%d of %d, %s lr %.4g, %s", model.name,
-                config.dataset, world.size, config.backward_passes_per_step,
-                config.per_rank_batch_size(world.size), config.global_batch_size,
-                datasets.steps_per_epoch // config.backward_passes_per_step, start_epoch + 1,
-                end_epoch, config.epochs, config.optimizer, config.learning_rate,
-                config.precision)
+        outputs.started(self, datasets, start_epoch, end_epoch)
 
         elapsed_before = float(meta.get("elapsed_sec", 0.0))
         tta = cb.TimeToAccuracy(config.target_accuracy, t_start - elapsed_before,
@@ -113,16 +102,10 @@ class Trainer:
             cb.SkippedRecords(datasets.skipped),
             tta,
             cb.LearningRateLogger(optimizer),
-            cb.EpochLog(self.history, world.is_chief),
+            cb.EpochLog(self.history),
+            *outputs.callbacks(self, optimizer, tta, t_start - elapsed_before, end_epoch),
             *(callbacks or []),
         ]
-        if world.is_chief and config.model_dir:
-            if config.checkpoint_every:
-                callbacks.append(cb.SaveCheckpoints(config, optimizer, self.history, tta,
-                                               t_start - elapsed_before, end_epoch))
-            callbacks.append(tf.keras.callbacks.TensorBoard(
-                os.path.join(config.model_dir, "tensorboard"), update_freq="epoch",
-                profile_batch=0, write_graph=False))
         if start_epoch < end_epoch:
             model.fit(
                 datasets.train,
@@ -130,15 +113,11 @@ class Trainer:
                 epochs=end_epoch,
                 steps_per_epoch=datasets.steps_per_epoch,
                 callbacks=callbacks,
-                verbose=1 if (world.is_chief and config.progress_bar) else 0,
+                verbose=1 if outputs.progress_bar else 0,
             )
         summary = summary_lib.run_summary(self, datasets, elapsed_before + time.time() - t_start,
                                           tta, start_epoch, end_epoch)
-        if world.is_chief and config.model_dir:
-            summary_lib.write_json(os.path.join(config.model_dir, summary_lib.SUMMARY_FILE),
-                                   summary)
-            logging.info("summary written to %s",
-                         os.path.join(config.model_dir, summary_lib.SUMMARY_FILE))
+        outputs.finished(summary)
         return summary
 
     def _find_checkpoint(self) -> tuple[int, str] | None:
