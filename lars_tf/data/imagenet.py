@@ -16,16 +16,7 @@ import sys
 import tensorflow as tf
 from absl import logging
 
-from lars_tf.data.pipeline import (
-    Datasets,
-    checked,
-    drop_flag,
-    eval_batches,
-    is_ok,
-    rank_seed,
-    steps_per_epoch,
-    train_batches,
-)
+from lars_tf.data import pipeline
 
 SPLIT_PATTERNS = {"train": "train-*-of-*", "validation": "validation-*-of-*"}
 _BOX = ("ymin", "xmin", "ymax", "xmax")
@@ -251,7 +242,7 @@ def log_sharding(rank: int, files: int, size: int, split: str) -> None:
 
 
 def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int,
-          dtype: tf.DType) -> Datasets:
+          dtype: tf.DType) -> pipeline.Datasets:
     """This rank's train and eval datasets of the shards in ``config.data_dir``."""
     data_dir = config.data_dir
     if not data_dir:
@@ -262,10 +253,10 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
     check_labels(files + eval_files, config.num_classes, config.label_offset,
                           strict=config.strict_data)
     examples = config.train_examples or count_records(files, config.strict_data)
-    steps = steps_per_epoch(config, examples, size)
+    steps = pipeline.steps_per_epoch(config, examples, size)
     batch, det = config.per_rank_batch_size(size), config.deterministic
     skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
-    check = checked(skipped, config.strict_data)
+    check = pipeline.checked(skipped, config.strict_data)
     sizes = size_table(files + eval_files)
 
     def parsed(paths, assignment, deterministic):
@@ -278,7 +269,7 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
                                  sizes=sizes, strides=strides, offsets=offsets)
                 .map(lambda r, p, i: check(*parse(r, config.label_offset), p, i),
                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-                .filter(is_ok).map(drop_flag))
+                .filter(pipeline.is_ok).map(pipeline.drop_flag))
 
     # Every epoch, all ranks order the files alike (seeded by (seed, epoch)) and split them
     # with file_assignment, so each record is read by exactly one rank per epoch. Each rank
@@ -288,7 +279,7 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
     mine = file_assignment(len(files), rank, size)
     log_sharding(rank, len(files), size, "train")
     files_t = tf.constant(files)
-    seed = rank_seed(config.seed, rank)
+    seed = pipeline.rank_seed(config.seed, rank)
     if config.cache:  # parse once; this rank's records (a fixed split) stay in memory
         cached = parsed(files_t, mine, det).cache()
 
@@ -311,12 +302,12 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
         return records.take(steps * batch).enumerate().map(
             lambda k, rec: (*rec, tf.stack([tf.constant(seed, tf.int64), e * 2 ** 32 + k])))
 
-    train = train_batches(tf.data.Dataset.range(initial_epoch, 2 ** 62).flat_map(epoch),
+    train = pipeline.train_batches(tf.data.Dataset.range(initial_epoch, 2 ** 62).flat_map(epoch),
                           config, batch, dtype)
-    evaluation = eval_batches(
+    evaluation = pipeline.eval_batches(
         parsed(tf.constant(eval_files), file_assignment(len(eval_files), rank, size),
                True), config, eval_batch_size, dtype)
-    return Datasets(train=train, eval=evaluation, steps_per_epoch=steps,
-                    train_examples=examples, eval_examples=None,
-                    input_shape=(config.image_size, config.image_size, 3),
-                    num_classes=config.num_classes, skipped=skipped)
+    return pipeline.Datasets(train=train, eval=evaluation, steps_per_epoch=steps,
+                             train_examples=examples, eval_examples=None,
+                             input_shape=(config.image_size, config.image_size, 3),
+                             num_classes=config.num_classes, skipped=skipped)

@@ -10,16 +10,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from lars_tf.data.pipeline import (
-    Datasets,
-    checked,
-    drop_flag,
-    eval_batches,
-    is_ok,
-    rank_seed,
-    steps_per_epoch,
-    train_batches,
-)
+from lars_tf.data import pipeline
 
 PREFIX = "tfds:"
 
@@ -88,7 +79,7 @@ def records(config, split: str, rank: int, size: int, training: bool) -> tf.data
     part = tfds.even_splits(split, n=size)[rank]
     ds = builder.as_dataset(
         split=part, decoders={image_key: tfds.decode.SkipDecoding()}, shuffle_files=training,
-        read_config=tfds.ReadConfig(shuffle_seed=rank_seed(config.seed, rank),
+        read_config=tfds.ReadConfig(shuffle_seed=pipeline.rank_seed(config.seed, rank),
                                     try_autocache=False))
     origin = tf.constant(f"tfds:{builder.name}/{split}")
     return ds.enumerate().map(
@@ -96,23 +87,23 @@ def records(config, split: str, rank: int, size: int, training: bool) -> tf.data
                        tf.zeros([1, 0, 4], tf.float32), origin, i))
 
 
-def build(config, rank: int, size: int, eval_batch_size: int, dtype: tf.DType) -> Datasets:
+def build(config, rank: int, size: int, eval_batch_size: int, dtype: tf.DType) -> pipeline.Datasets:
     """Example-level shards (tfds.even_splits): every example on exactly one rank."""
     builder = get_builder(config)
     _, _, num_classes = info(config, builder)
     splits = builder.info.splits
     eval_split = "validation" if "validation" in splits else "test"
     examples = config.train_examples or splits["train"].num_examples
-    steps = steps_per_epoch(config, examples, size)
+    steps = pipeline.steps_per_epoch(config, examples, size)
     skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
-    check = checked(skipped, config.strict_data)
+    check = pipeline.checked(skipped, config.strict_data)
 
     def valid(ds):
         return (ds.map(check, num_parallel_calls=tf.data.AUTOTUNE,
                        deterministic=config.deterministic)
-                .filter(is_ok).map(drop_flag))
+                .filter(pipeline.is_ok).map(pipeline.drop_flag))
 
-    seed = rank_seed(config.seed, rank)
+    seed = pipeline.rank_seed(config.seed, rank)
     train = valid(records(config, "train", rank, size, training=True).repeat()
                   ).shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
     # the augmentation seed of the k-th record this rank reads: (seed, rank, k)
@@ -120,11 +111,11 @@ def build(config, rank: int, size: int, eval_batch_size: int, dtype: tf.DType) -
         lambda k, rec: (*rec, tf.stack([tf.constant(seed, tf.int64), k])))
     evaluation = None
     if eval_split in splits:
-        evaluation = eval_batches(
+        evaluation = pipeline.eval_batches(
             valid(records(config, eval_split, rank, size, training=False)),
             config, eval_batch_size, dtype)
-    return Datasets(train=train_batches(train, config, config.per_rank_batch_size(size), dtype),
-                    eval=evaluation, steps_per_epoch=steps, train_examples=examples,
-                    eval_examples=None,
-                    input_shape=(config.image_size, config.image_size, 3),
-                    num_classes=num_classes, skipped=skipped)
+    train = pipeline.train_batches(train, config, config.per_rank_batch_size(size), dtype)
+    return pipeline.Datasets(train=train, eval=evaluation, steps_per_epoch=steps,
+                             train_examples=examples, eval_examples=None,
+                             input_shape=(config.image_size, config.image_size, 3),
+                             num_classes=num_classes, skipped=skipped)
