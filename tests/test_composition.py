@@ -6,7 +6,7 @@ Every job here is a real Horovod run (Gloo, 2 ranks) or a single process.
 import numpy as np
 import pytest
 
-from tests.conftest import launcher, run_job
+from lars_tf.testing import launcher, run_job
 
 GLOBAL = 512
 
@@ -22,15 +22,25 @@ def _rel_err(a, b):
 
 
 @pytest.fixture(scope="module")
-def one_process_big_batch(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    run_job(["python", "tests/workers/equivalence.py", str(out), str(GLOBAL), "1"])
-    return _weights(out / "rank0.npz"), _weights(out / "rank0.npz", "init")
+def one_process(tmp_path_factory):
+    """one_process(*options): (weights, initial weights) of one process at the global
+    batch with these options, trained once per module and option set."""
+    done = {}
+
+    def reference(*options):
+        if options not in done:
+            out = tmp_path_factory.mktemp("ref")
+            run_job(["python", "tests/workers/equivalence.py", str(out), str(GLOBAL), "1",
+                     *options])
+            done[options] = _weights(out / "rank0.npz"), _weights(out / "rank0.npz", "init")
+        return done[options]
+
+    return reference
 
 
 @pytest.mark.parametrize("ranks, passes", [(2, 1), (1, 2), (2, 2)])
-def test_split_batch_equals_one_big_batch(ranks, passes, one_process_big_batch, tmp_path):
-    ref, init = one_process_big_batch
+def test_split_batch_equals_one_big_batch(ranks, passes, one_process, tmp_path):
+    ref, init = one_process()
     cmd = ["python", "tests/workers/equivalence.py", str(tmp_path), str(GLOBAL), str(passes)]
     run_job((launcher("gloo", ranks) if ranks > 1 else []) + cmd)
     for r in range(ranks):
@@ -49,7 +59,7 @@ def test_split_batch_equals_one_big_batch(ranks, passes, one_process_big_batch, 
      ["precision=mixed_float16"], 1e-2),
 ], ids=["predivide", "fp16", "fp16-allreduce-predivide"])
 def test_predivide_and_loss_scaling_keep_the_equivalence(options, reference, tolerance,
-                                                         tmp_path):
+                                                         one_process, tmp_path):
     """2 ranks x 2 passes against one process at the same global batch: with
     gradient_predivide_factor 2 (divide by 2 before the sum, by size/2 after) exactly as
     fp32; the whole mixed_float16 stack (loss scaling around the all-reduce), with float32
@@ -58,11 +68,7 @@ def test_predivide_and_loss_scaling_keep_the_equivalence(options, reference, tol
     how far training moved each weight.) Float16 on the wire takes the predivide factor:
     without it the float16 sum of the scaled gradients overflows at the initial scale 2^15
     and the loss scaling skips (here 2 of the 5 updates) until the scale is low enough."""
-    ref_dir = tmp_path / "ref"
-    ref_dir.mkdir()
-    run_job(["python", "tests/workers/equivalence.py", str(ref_dir), str(GLOBAL), "1",
-             *reference])
-    ref, init = _weights(ref_dir / "rank0.npz"), _weights(ref_dir / "rank0.npz", "init")
+    ref, init = one_process(*reference)
     run_job(launcher("gloo", 2) + ["python", "tests/workers/equivalence.py", str(tmp_path),
                                    str(GLOBAL), "2", *options])
     for r in range(2):

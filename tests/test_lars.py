@@ -231,19 +231,19 @@ def test_decayed_gradient_guard_tests_the_decayed_gradient():
     np.testing.assert_allclose(w.numpy(), w0 - 0.01 * w0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("wrap", ["plain", "horovod"])
-def test_saved_models_load_without_custom_objects(wrap, tmp_path):
-    """A model compiled with LARS and the schedule (alone, or inside Horovod's
-    DistributedOptimizer) and saved as .keras or .h5 loads with
+def test_saved_models_load_without_custom_objects(tmp_path):
+    """Models compiled with LARS and the schedule (alone, and inside Horovod's
+    DistributedOptimizer) and saved as .keras and .h5 load with
     ``tf.keras.models.load_model(path)`` after ``import lars_tf``, in a fresh process."""
-    from tests.conftest import run_job
+    from lars_tf.testing import run_job
 
-    run_job(["python", "tests/workers/save_load.py", "save", str(tmp_path), wrap],
-            timeout=120)
-    for fmt in ("keras", "h5"):
-        out = run_job(["python", "tests/workers/save_load.py", "load",
-                       str(tmp_path / f"model.{fmt}")], timeout=120).stdout
-        assert "loaded lars_tf.optimizers 2" in out, (fmt, out)
+    run_job(["python", "tests/workers/save_load.py", "save", str(tmp_path)], timeout=120)
+    paths = [str(tmp_path / f"{wrap}-model.{fmt}") for wrap in ("plain", "horovod")
+             for fmt in ("keras", "h5")]
+    out = run_job(["python", "tests/workers/save_load.py", "load", *paths],
+                  timeout=120).stdout
+    for path in paths:
+        assert f"loaded {path} lars_tf.optimizers 2" in out, (path, out)
 
 
 def test_docstring_examples_run():

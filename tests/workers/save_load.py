@@ -1,7 +1,9 @@
-"""Save a model compiled with the lars_tf stack, then load it in a fresh process.
+"""Save models compiled with the lars_tf stack, then load them in a fresh process.
 
-    python tests/workers/save_load.py save OUT_DIR WRAP   (WRAP: plain | horovod)
-    python tests/workers/save_load.py load PATH
+    python tests/workers/save_load.py save OUT_DIR   (plain-model.{keras,h5}: LARS alone;
+                                                      horovod-model.{keras,h5}: inside
+                                                      Horovod's DistributedOptimizer)
+    python tests/workers/save_load.py load PATH...
 """
 
 import sys
@@ -12,24 +14,26 @@ import tensorflow as tf
 import lars_tf
 
 if sys.argv[1] == "save":
-    out, wrap = sys.argv[2], sys.argv[3]
-    schedule = lars_tf.WarmupPolynomialDecay(peak_learning_rate=2.0, warmup_steps=3,
-                                             total_steps=20)
-    optimizer = lars_tf.LARS(learning_rate=schedule, momentum=0.8, weight_decay=1e-4)
-    if wrap == "horovod":
-        import horovod.tensorflow.keras as hvd
+    out = sys.argv[2]
+    for wrap in ("plain", "horovod"):
+        schedule = lars_tf.WarmupPolynomialDecay(peak_learning_rate=2.0, warmup_steps=3,
+                                                 total_steps=20)
+        optimizer = lars_tf.LARS(learning_rate=schedule, momentum=0.8, weight_decay=1e-4)
+        if wrap == "horovod":
+            import horovod.tensorflow.keras as hvd
 
-        hvd.init()
-        optimizer = hvd.DistributedOptimizer(optimizer)
-    model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(2, name="d")])
-    model.compile(optimizer=optimizer, loss="mse")
-    model.fit(np.ones((8, 4)), np.zeros((8, 2)), epochs=1, batch_size=4, verbose=0)
-    for fmt in ("keras", "h5"):
-        model.save(f"{out}/model.{fmt}")
+            hvd.init()
+            optimizer = hvd.DistributedOptimizer(optimizer)
+        model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(2, name="d")])
+        model.compile(optimizer=optimizer, loss="mse")
+        model.fit(np.ones((8, 4)), np.zeros((8, 2)), epochs=1, batch_size=4, verbose=0)
+        for fmt in ("keras", "h5"):
+            model.save(f"{out}/{wrap}-model.{fmt}")
 else:  # a fresh process: only `import lars_tf`, no custom_objects
-    model = tf.keras.models.load_model(sys.argv[2])
-    opt = model.optimizer
-    assert type(opt).__name__ == "LARS", type(opt)
-    assert isinstance(opt._learning_rate, lars_tf.WarmupPolynomialDecay), opt._learning_rate
-    assert opt.get_config()["momentum"] == 0.8, opt.get_config()
-    print("loaded", type(opt).__module__, int(opt.iterations.numpy()))
+    for path in sys.argv[2:]:
+        model = tf.keras.models.load_model(path)
+        opt = model.optimizer
+        assert type(opt).__name__ == "LARS", (path, type(opt))
+        assert isinstance(opt._learning_rate, lars_tf.WarmupPolynomialDecay), opt._learning_rate
+        assert opt.get_config()["momentum"] == 0.8, opt.get_config()
+        print("loaded", path, type(opt).__module__, int(opt.iterations.numpy()))
