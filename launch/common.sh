@@ -248,6 +248,13 @@ fill_slots() {  # fill_slots LIST N: hosts without a slot count get N
     (IFS=,; printf '%s' "${out[*]}")
 }
 
+set_slots() {  # set_slots LIST N: every host gets N slots
+    local item out=() items
+    IFS=',' read -r -a items <<< "$1"
+    for item in "${items[@]}"; do out+=("${item%%:*}:$2"); done
+    (IFS=,; printf '%s' "${out[*]}")
+}
+
 total_slots() {  # total_slots LIST
     local item t=0 items
     IFS=',' read -r -a items <<< "$1"

@@ -81,7 +81,7 @@ for entry in "${entries[@]}"; do
         die "${entry%%:*} offers $slots slots, fewer than the $PER_NODE ranks per node asked for"
     fi
 done
-HOSTS="$(fill_slots "$(host_names "$HOSTS")" "$PER_NODE")"  # every node gets PER_NODE
+HOSTS="$(set_slots "$HOSTS" "$PER_NODE")"
 NP="$(total_slots "$HOSTS")"
 
 setvar OMP_NUM_THREADS "$PE"
