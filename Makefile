@@ -1,6 +1,14 @@
 # lars_tf: `make train` and `make test` set the stack up first when needed.
+# LARS_TF_STACK=keras2 selects the legacy stack (TF 2.15 + Keras 2) in .venv-keras2.
 SHELL := /bin/bash
+export LARS_TF_STACK ?= keras3
+ifeq ($(LARS_TF_STACK),keras2)
+VENV ?= .venv-keras2
+else
 VENV ?= .venv
+endif
+export LARS_TF_VENV := $(abspath $(VENV))
+CONSTRAINTS := $(if $(filter keras2,$(LARS_TF_STACK)),constraints-keras2.txt,constraints.txt)
 BIN := $(VENV)/bin
 NP ?= 2
 export PATH := $(abspath $(BIN)):$(PATH)
@@ -11,7 +19,7 @@ TRAIN_FLAGS ?= --model=small_cnn --dataset=fashion_mnist --global_batch_size=409
 	--epochs=30 --optimizer=lars --learning_rate=3.0 --warmup_epochs=3 \
 	--weight_decay=5e-4 --model_dir=runs/fashion_mnist_lars_4k
 
-.PHONY: setup train test test-fast lint bench clean
+.PHONY: setup train test test-fast test-legacy lint bench clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -26,15 +34,26 @@ test: setup
 test-fast: setup
 	python -m pytest tests -m "not multiprocess"
 
+# What CI runs on the legacy stack (LARS_TF_STACK=keras2 make test-legacy): LARS against
+# NumPy, the composition and equivalence jobs, and 2-rank trainer runs.
+LEGACY_TESTS := tests/test_lars.py tests/test_schedules.py tests/test_composition.py \
+	tests/test_distributed_training.py
+test-legacy: setup
+	python -m pytest $(LEGACY_TESTS)
+
 # Benchmarks write benchmarks/RESULTS.md (and raw JSON + plots in benchmarks/results/).
 # Model Garden (the LARS baseline) is installed here only, without its dependencies: the
-# benchmark loads just its lars.py. matplotlib draws the plots. The large-batch study takes
+# benchmark loads just its lars.py (for TF 2.20 written against tf_keras, installed too).
+# matplotlib draws the plots. The large-batch study takes
 # about an hour on 2 cores.
 bench: setup
-	python -m pip install -q --no-deps -c constraints.txt tf-models-official
-	python -m pip install -q -c constraints.txt matplotlib
+	python -m pip install -q --no-deps -c $(CONSTRAINTS) tf-models-official \
+		$(if $(filter keras2,$(LARS_TF_STACK)),,tf-keras)
+	python -m pip install -q -c $(CONSTRAINTS) matplotlib
 	python -m benchmarks.lars_overhead
 	python -m benchmarks.onednn
+	LARS_TF_STACK=keras2 $(MAKE) setup   # benchmarks.stacks measures both stacks
+	python -m benchmarks.stacks
 	python -m benchmarks.input_pipeline
 	python -m benchmarks.allreduce
 	python -m benchmarks.scaling
@@ -44,4 +63,4 @@ lint: setup
 	ruff check lars_tf models benchmarks tests
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf .venv .venv-keras2 runs .pytest_cache

@@ -25,7 +25,7 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupPolynomia
         total_steps=total,
         end_learning_rate=config.end_learning_rate,
         power=config.poly_power,
-        backward_passes_per_step=k,
+        backward_passes_per_step=distributed.passes_per_counted_step(k),
         warmup_start_learning_rate=config.warmup_start_learning_rate,
     )
 
@@ -48,9 +48,9 @@ def build_local_optimizer(config: TrainConfig, steps_per_epoch: int) -> LARS:
 
 
 def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> tf.keras.optimizers.Optimizer:
-    """The full stack for a Horovod run: LARS (or the SGD baseline) inside
-    ``hvd.DistributedOptimizer``, inside dynamic loss scaling for ``mixed_float16``
-    (see ``lars_tf.distributed.wrap_optimizer``). Call after ``lars_tf.init()``.
+    """The full stack for a Horovod run: LARS (or the SGD baseline) with the all-reduce
+    and, for ``mixed_float16``, dynamic loss scaling around it (see
+    ``lars_tf.distributed.wrap_optimizer``). Call after ``lars_tf.init()``.
 
     ``steps_per_epoch`` counts backward passes per epoch on one rank."""
     return distributed.wrap_optimizer(
@@ -84,6 +84,16 @@ def build_loss(num_classes: int, label_smoothing: float = 0.0):
         return smoothed(tf.one_hot(labels, num_classes), logits)
 
     return loss
+
+
+def top_k_accuracy(k: int, name: str) -> tf.keras.metrics.Metric:
+    """Top-k accuracy on integer labels, for logits of any float dtype (Keras 3's own metric
+    refuses float16 logits, which a model under ``mixed_float16`` may return)."""
+    def top_k(labels, logits):
+        return tf.keras.metrics.sparse_top_k_categorical_accuracy(
+            labels, tf.cast(logits, tf.float32), k=k)
+
+    return tf.keras.metrics.MeanMetricWrapper(top_k, name=name)
 
 
 def num_classes(model: tf.keras.Model, input_shape) -> int:

@@ -12,7 +12,7 @@ and in a single process:
   ``EpochLog``: the per-epoch figures of the run summary; ``LogEpoch`` logs them.
 - ``SaveCheckpoints``: atomic checkpoints (add it on rank 0 only).
 
-Metric averaging over ranks is Horovod's own (``lars_tf.distributed.metric_average_callback``).
+- ``AverageMetrics``: the epoch's training metrics become their mean over ranks.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from lars_tf import checkpoint, distributed
+from lars_tf import checkpoint, distributed, keras_compat
 from lars_tf.config import TrainConfig
 
 
@@ -112,7 +112,9 @@ class CheckReplicas(tf.keras.callbacks.Callback):
     of the optimizer's whole state (slots, step counter, loss scale) (sum and sum of squares,
     in float64, through one min and one max all-reduce); any difference stops every rank at
     once, naming the first variable that differs. BatchNorm's moving statistics are left
-    out: each rank updates them from its own batches until the epoch end averages them."""
+    out: each rank updates them from its own batches until the epoch end averages them; so
+    are the local gradient sums of an accumulation window (``local_variables()`` of
+    ``lars_tf.DistributedOptimizer``)."""
 
     def __init__(self, every: int, optimizer):
         super().__init__()
@@ -125,7 +127,9 @@ class CheckReplicas(tf.keras.callbacks.Callback):
             return
         if self._checksums is None:
             variables = list(self.model.trainable_variables)
-            known = {id(v) for v in variables}
+            # each rank's own gradient sums within an accumulation window differ by design
+            local = getattr(self.optimizer, "local_variables", lambda: [])()
+            known = {id(v) for v in [*variables, *local]}
             variables += [v for v in checkpoint.state_variables(optimizer=self.optimizer)
                           if id(v) not in known]
             self._variables = variables
@@ -143,7 +147,8 @@ class CheckReplicas(tf.keras.callbacks.Callback):
             v = variables[differ[0] // 2]
             raise ReplicasDiverged(
                 f"ranks hold different weights or optimizer state after step {self._steps}: "
-                f"first differing variable {v.name!r} (checksum {lo[differ[0]]!r} to "
+                f"first differing variable {keras_compat.variable_path(v)!r} (checksum "
+                f"{lo[differ[0]]!r} to "
                 f"{hi[differ[0]]!r} over ranks; {len(set(differ // 2))} of {len(variables)} "
                 "variables differ)")
 
@@ -166,8 +171,8 @@ class StopOnStuckLossScale(tf.keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if (batch + 1) % self.k:
             return  # not the end of an accumulation window: no update was decided
-        opt = self.model.optimizer
-        at_min = float(opt.loss_scale) <= 1.0 and int(opt.dynamic_counter) == 0
+        scale, good_steps = keras_compat.loss_scale_state(self.model.optimizer)
+        at_min = scale <= 1.0 and good_steps == 0
         self.skipped = self.skipped + 1 if at_min else 0
         if self.skipped >= self.limit:
             step = self.epoch * self.steps_per_epoch + batch + 1
@@ -194,6 +199,22 @@ class EpochTimer(tf.keras.callbacks.Callback):
         dt = time.perf_counter() - self._t0
         logs["epoch_time_sec"] = dt
         logs["images_per_sec"] = self.images_per_epoch / dt
+
+
+class AverageMetrics(tf.keras.callbacks.Callback):
+    """At each epoch end, the metrics in the logs so far (training loss, accuracy, ...:
+    each rank's own, from its own batches) become their mean over ranks, in one
+    all-reduce; put it before callbacks that add figures of their own."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not logs:
+            return
+        keys = sorted(k for k, v in logs.items() if isinstance(v, (int, float, np.number))
+                      or (hasattr(v, "shape") and not v.shape))
+        total = distributed.allreduce_sum([float(logs[k]) for k in keys],
+                                          name="lars_tf.metrics")
+        for k, v in zip(keys, total):
+            logs[k] = float(v) / distributed.size()
 
 
 class AverageBatchNormStatistics(tf.keras.callbacks.Callback):
@@ -280,17 +301,21 @@ class TimeToAccuracy(tf.keras.callbacks.Callback):
 
 
 class LearningRateLogger(tf.keras.callbacks.Callback):
-    """The learning rate that the last update of the epoch used, into the logs."""
+    """The learning rate that the last update of the epoch used, into the logs; and, under
+    loss scaling, the loss scale at the epoch's end."""
 
     def __init__(self, optimizer):
         super().__init__()
-        self.optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+        self.stack = optimizer
+        self.optimizer = keras_compat.innermost_optimizer(optimizer)
 
     def on_epoch_end(self, epoch, logs=None):
         lr = self.optimizer._learning_rate
-        if callable(lr):
+        if isinstance(lr, tf.keras.optimizers.schedules.LearningRateSchedule):
             lr = lr(self.optimizer.iterations - 1)
         logs["learning_rate"] = float(lr)
+        if keras_compat.find_loss_scale_optimizer(self.stack) is not None:
+            logs["loss_scale"] = keras_compat.loss_scale_state(self.stack)[0]
 
 
 class EpochLog(tf.keras.callbacks.Callback):

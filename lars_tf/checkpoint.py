@@ -17,6 +17,8 @@ import tempfile
 
 import tensorflow as tf
 
+from lars_tf import keras_compat
+
 SUBDIR = "checkpoints"
 _NAME = re.compile(r"^epoch-(\d{6})$")
 
@@ -74,7 +76,7 @@ def save(model_dir: str, epoch: int, model: tf.keras.Model, optimizer, meta: dic
     return final
 
 
-def state_variables(**roots) -> list[tf.Variable]:
+def state_variables(**roots) -> list:
     """Every variable that ``tf.train.Checkpoint(**roots)`` saves, found by walking its
     object graph (so nothing is missed that a checkpoint restores: model weights and
     BatchNorm statistics, optimizer slots and step counter, and the loss-scale state, which
@@ -83,7 +85,7 @@ def state_variables(**roots) -> list[tf.Variable]:
     found, seen = [], set()
     root = tf.train.Checkpoint(**roots)  # the view holds it weakly
     for obj in tf.train.TrackableView(root).descendants():
-        if isinstance(obj, tf.Variable) and id(obj) not in seen:
+        if keras_compat.is_variable(obj) and id(obj) not in seen:
             seen.add(id(obj))
             found.append(obj)
     return found

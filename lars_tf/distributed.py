@@ -7,12 +7,15 @@ import socket
 from dataclasses import dataclass
 
 import horovod.tensorflow as hvd_tf
-import horovod.tensorflow.keras as hvd
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from lars_tf import keras_compat
 from lars_tf import precision as precision_lib
+
+if not keras_compat.KERAS3:  # Horovod's Keras layer works with Keras 2 only
+    import horovod.tensorflow.keras as hvd_keras
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,8 @@ def init(intra_op_threads: int | None = None, inter_op_threads: int | None = Non
     global _WORLD
     if _WORLD is not None:
         return _WORLD
-    hvd.init()
-    world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+    hvd_tf.init()
+    world = World(hvd_tf.rank(), hvd_tf.size(), hvd_tf.local_rank(), hvd_tf.local_size())
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         gpu = gpu_for_local_rank(gpus, world.local_rank)
@@ -95,18 +98,27 @@ def wrap_optimizer(
     gradient_predivide_factor: float = 1.0,
     sparse_as_dense: bool | None = None,
 ) -> tf.keras.optimizers.Optimizer:
-    """The distributed optimizer stack around a local optimizer (LARS)::
+    """The distributed optimizer stack around a local optimizer (LARS). On Keras 2::
 
         LossScaleOptimizer(                 # only for mixed_float16: scale, unscale, skip
             hvd.DistributedOptimizer(       # all-reduce (mean) of the scaled gradients
                 optimizer))                 # LARS, in float32
 
-    The all-reduce sits between loss scaling and unscaling: gradients cross the wire scaled,
-    which is what keeps small ones alive under ``fp16_allreduce``, and the overflow check
-    runs on the all-reduced gradients, so every rank skips the same steps (see
-    ``lars_tf.precision``). The other order, Horovod outside Keras' LossScaleOptimizer,
-    cannot be built with Keras >= 2.11: Horovod rebuilds the wrapped optimizer from its
-    config and the loss-scale optimizer's constructor does not take that form.
+    and on Keras 3, where Horovod's optimizer does not work (see
+    ``lars_tf.distributed_optimizer``)::
+
+        lars_tf.DistributedOptimizer(       # all-reduce (mean) of the scaled gradients
+            keras.optimizers.LossScaleOptimizer(   # only for mixed_float16
+                optimizer))
+
+    Either way the all-reduce sits between loss scaling and unscaling: gradients cross the
+    wire scaled, which is what keeps small ones alive under ``fp16_allreduce``, and the
+    overflow check runs on the all-reduced gradients, so every rank skips the same steps
+    (see ``lars_tf.precision``). The nesting differs because Keras 2's loss-scale
+    optimizer delegates computing the gradients (where Horovod all-reduces) to the one
+    inside it, while Keras 3's checks the finished gradients it is given; and Horovod
+    outside Keras 2's loss-scale optimizer cannot be built (Horovod rebuilds the wrapped
+    optimizer from its config, which that constructor does not take).
 
     With ``backward_passes_per_step = k`` each rank accumulates ``k`` local gradients and
     all-reduces their mean once; the loss scale then decides once per update.
@@ -123,14 +135,24 @@ def wrap_optimizer(
     if not gradient_predivide_factor > 0:
         raise ValueError(
             f"--gradient_predivide_factor={gradient_predivide_factor}: must be > 0")
-    dist = hvd.DistributedOptimizer(
+    sparse_as_dense = needs_dense_gradients(backward_passes_per_step, gradient_predivide_factor,
+                                            sparse_as_dense)
+    if keras_compat.KERAS3:
+        from lars_tf.distributed_optimizer import DistributedOptimizer
+
+        return DistributedOptimizer(
+            precision_lib.wrap_loss_scale(optimizer, precision),
+            compression="fp16" if fp16_allreduce else "none",
+            backward_passes_per_step=backward_passes_per_step,
+            gradient_predivide_factor=gradient_predivide_factor,
+            sparse_as_dense=sparse_as_dense)
+    dist = hvd_keras.DistributedOptimizer(
         optimizer,
-        compression=hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none,
+        compression=hvd_tf.Compression.fp16 if fp16_allreduce else hvd_tf.Compression.none,
         backward_passes_per_step=backward_passes_per_step,
         average_aggregated_gradients=True,
         gradient_predivide_factor=gradient_predivide_factor,
-        sparse_as_dense=needs_dense_gradients(backward_passes_per_step,
-                                              gradient_predivide_factor, sparse_as_dense),
+        sparse_as_dense=sparse_as_dense,
     )
     helper = getattr(dist, "_agg_helper", None)
     is_update_step = None
@@ -139,6 +161,14 @@ def wrap_optimizer(
         def is_update_step():
             return tf.equal(helper.counter, 0)
     return precision_lib.wrap_loss_scale(dist, precision, is_update_step=is_update_step)
+
+
+def passes_per_counted_step(backward_passes_per_step: int) -> int:
+    """How many backward passes the optimizer inside the distributed one counts per weight
+    update (what its schedule's ``backward_passes_per_step`` must be): all ``k`` with
+    Horovod's optimizer (Keras 2), which steps the inner counter on every pass; 1 with
+    ``lars_tf.DistributedOptimizer`` (Keras 3), whose inner optimizer counts updates."""
+    return 1 if keras_compat.KERAS3 else backward_passes_per_step
 
 
 def needs_dense_gradients(backward_passes_per_step: int, gradient_predivide_factor: float,
@@ -158,8 +188,10 @@ def broadcast_state(model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimi
     from lars_tf import checkpoint
 
     optimizer.build(model.trainable_variables)
-    hvd_tf.broadcast_variables(checkpoint.state_variables(model=model, optimizer=optimizer),
-                               root_rank=0)
+    hvd_tf.broadcast_variables(
+        keras_compat.plain_variables(checkpoint.state_variables(model=model,
+                                                                optimizer=optimizer)),
+        root_rank=0)
 
 
 def allreduce_sum(values, name: str) -> np.ndarray:
@@ -180,9 +212,22 @@ def broadcast_object(obj, name: str):
     return hvd_tf.broadcast_object(obj, root_rank=0, name=name)
 
 
-def metric_average_callback() -> tf.keras.callbacks.Callback:
-    """Averages the epoch's training metrics (loss, accuracy) over ranks."""
-    return hvd.callbacks.MetricAverageCallback()
+def size() -> int:
+    """The number of ranks."""
+    return hvd_tf.size()
+
+
+def grouped_allreduce_sum(tensors: list, prescale_factor: float = 1.0,
+                          postscale_factor: float = 1.0) -> list:
+    """The sum over ranks of each tensor, scaled by ``prescale_factor`` before and by
+    ``postscale_factor`` after, in one grouped all-reduce (Horovod fuses it)."""
+    return hvd_tf.grouped_allreduce(tensors, op=hvd_tf.Sum, prescale_factor=prescale_factor,
+                                    postscale_factor=postscale_factor)
+
+
+def allreduce_sparse(grad: tf.IndexedSlices, average: bool = True) -> tf.IndexedSlices:
+    """Every rank's sparse gradient rows, gathered (divided by the ranks for the mean)."""
+    return hvd_tf.allreduce(grad, op=hvd_tf.Average if average else hvd_tf.Sum)
 
 
 def onednn_enabled() -> bool:
@@ -225,10 +270,10 @@ def average_variables(variables, name: str) -> None:
     For state that each rank updates from its own data, such as BatchNorm's moving mean and
     variance: afterwards every rank holds the same values.
     """
-    variables = [v for v in variables if v.dtype.is_floating]
+    variables = [v for v in variables if tf.as_dtype(v.dtype).is_floating]
     if not variables:
         return
-    means = hvd_tf.grouped_allreduce([v.value() for v in variables], op=hvd_tf.Average,
-                                     name=name)
+    means = hvd_tf.grouped_allreduce([tf.convert_to_tensor(v) for v in variables],
+                                     op=hvd_tf.Average, name=name)
     for v, m in zip(variables, means):
         v.assign(m)

@@ -1,4 +1,4 @@
-"""LARS: layer-wise adaptive rate scaling as a Keras 2.15 optimizer."""
+"""LARS: layer-wise adaptive rate scaling as a Keras optimizer (Keras 2.15 and Keras 3)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,19 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+from lars_tf import keras_compat
 from lars_tf.validation import check_number
 
-# Biases and normalisation scales/offsets: Keras names them `.../bias:0`, `.../gamma:0`,
-# `.../beta:0` (BatchNormalization, LayerNormalization, GroupNormalization).
+# Biases and normalisation scales/offsets: Keras names them `.../bias`, `.../gamma`,
+# `.../beta` (BatchNormalization, LayerNormalization, GroupNormalization), with `:0` on Keras 2.
 DEFAULT_EXCLUDE: tuple[str, ...] = (r"(^|/)bias(:\d+)?$", r"(^|/)(gamma|beta)(:\d+)?$")
 
 TRUST_RATIO_MODES = ("paper", "decayed_gradient")
 _CLIPPING = ("clipnorm", "clipvalue", "global_clipnorm")
 
 
-@tf.keras.utils.register_keras_serializable(package="lars_tf")
-class LARS(tf.keras.optimizers.Optimizer):
+@keras_compat.register
+class LARS(keras_compat.OptimizerBase):
     r"""Layer-wise Adaptive Rate Scaling (You, Gitman, Ginsburg 2017; You et al. 2018).
 
     Each variable ``w`` (a "layer") gets its own learning rate, scaled by a trust ratio that
@@ -48,7 +49,8 @@ class LARS(tf.keras.optimizers.Optimizer):
     so its steps are never smaller. The paper's rule is the default because it is the one
     whose 8K-32K batch ImageNet results were published.
 
-    Variables whose name matches a regex in ``exclude_from_weight_decay`` use ``wd = 0``;
+    Variables whose name (``dense/kernel``: Keras 3's ``path``, Keras 2's ``name``) matches
+    a regex in ``exclude_from_weight_decay`` use ``wd = 0``;
     those matching ``exclude_from_layer_adaptation`` use ``trust = 1`` (plain momentum SGD
     at the global rate). By default both lists hold biases and normalisation gamma/beta:
     they are few parameters, their scale carries no meaning that a trust ratio should
@@ -62,7 +64,7 @@ class LARS(tf.keras.optimizers.Optimizer):
     Usage:
 
     >>> opt = LARS(learning_rate=0.1, momentum=0.9, weight_decay=1e-4)
-    >>> w = tf.Variable([3.0, 4.0], name="dense/kernel")
+    >>> w = tf.Variable([3.0, 4.0])
     >>> _ = opt.apply_gradients([(tf.constant([0.6, 0.8]), w)])
     >>> # ||w|| = 5, ||g|| = 1: trust = 0.001 * 5 / (1 + 1e-4 * 5) = 0.0049975, so the
     >>> # step is 0.1 * trust * (g + 1e-4 * w) = [0.0003, 0.0004]
@@ -80,8 +82,8 @@ class LARS(tf.keras.optimizers.Optimizer):
         exclude_from_layer_adaptation: regexes on variable names that get ``trust = 1``.
         trust_ratio_mode: ``"paper"`` or ``"decayed_gradient"`` (see above).
         name: optimizer name.
-        **kwargs: passed to ``tf.keras.optimizers.Optimizer`` (``use_ema``,
-            ``jit_compile``, ...); ``weight_decay`` there is replaced by this class's own.
+        **kwargs: passed to ``tf.keras.optimizers.Optimizer`` (``use_ema``, ...);
+            ``weight_decay`` there is replaced by this class's own.
             ``clipnorm``, ``clipvalue`` and ``global_clipnorm`` are refused: the trust
             ratio rescales the clipped gradient back, so clipping cannot bound a LARS step.
     """
@@ -126,8 +128,7 @@ class LARS(tf.keras.optimizers.Optimizer):
                 f"LARS: trust_ratio_mode must be one of {TRUST_RATIO_MODES}, "
                 f"got {trust_ratio_mode!r}"
             )
-        super().__init__(name=name, weight_decay=None, **kwargs)
-        self._learning_rate = self._build_learning_rate(learning_rate)
+        super().__init__(learning_rate, name=name, weight_decay=None, **kwargs)
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
         self.lars_weight_decay = float(weight_decay)
@@ -145,13 +146,14 @@ class LARS(tf.keras.optimizers.Optimizer):
         """True when ``variable`` is decayed (``weight_decay > 0`` and its name is not excluded)."""
         return (self.lars_weight_decay > 0
                 and self._var_key(variable) not in self._excluded_keys
-                and not _matches(self.exclude_from_weight_decay_patterns, variable.name))
+                and not _matches(self.exclude_from_weight_decay_patterns,
+                                 keras_compat.variable_path(variable)))
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None) -> None:
         """Keras' method, honoured: the variables in ``var_list``, and those whose name
         contains one of the strings ``var_names``, get ``wd = 0`` (on top of the
         ``exclude_from_weight_decay`` regexes). Call it before the optimizer is built."""
-        if getattr(self, "_built", False):
+        if self.is_built:
             raise ValueError("LARS.exclude_from_weight_decay() must be called before the "
                              "optimizer is built (before its first apply_gradients)")
         if isinstance(var_names, str):
@@ -162,31 +164,23 @@ class LARS(tf.keras.optimizers.Optimizer):
 
     def uses_layer_adaptation(self, variable: tf.Variable) -> bool:
         """True when ``variable``'s step is scaled by its trust ratio."""
-        return not _matches(self.exclude_from_layer_adaptation_patterns, variable.name)
+        return not _matches(self.exclude_from_layer_adaptation_patterns,
+                            keras_compat.variable_path(variable))
 
     # -- Keras optimizer protocol ---------------------------------------------------------
-    def build(self, var_list):
-        super().build(var_list)
-        if getattr(self, "_built", False):
-            return
-        self.momentums = [
-            self.add_variable_from_reference(model_variable=var, variable_name="m")
-            for var in var_list
-        ]
+    def _build_slots(self, var_list):
+        self.momentums = [self._slot(var, "m") for var in var_list]
         self._rules = {
             self._var_key(var): (self.uses_weight_decay(var), self.uses_layer_adaptation(var))
             for var in var_list
         }
-        self._built = True
 
-    def update_step(self, gradient, variable):
-        key = self._var_key(variable)
-        decay, adapt = self._rules[key]
-        accum = self.momentums[self._index_dict[key]]
-        dtype = variable.dtype
+    def _update(self, gradient, variable, lr):
+        decay, adapt = self._rules[self._var_key(variable)]
+        accum = self.momentums[self._slot_index(variable)]
+        dtype = tf.as_dtype(variable.dtype)
         if isinstance(gradient, tf.IndexedSlices):
             gradient = tf.convert_to_tensor(gradient)
-        lr = tf.cast(self.learning_rate, tf.float32)
 
         update = gradient
         if decay:
@@ -198,8 +192,8 @@ class LARS(tf.keras.optimizers.Optimizer):
         # The Keras momentum kernel keeps the buffer negated (accum = -m), an equivalent form
         # of the docstring's rule, and does the whole update in one pass over memory.
         tf.raw_ops.ResourceApplyKerasMomentum(
-            var=variable.handle,
-            accum=accum.handle,
+            var=keras_compat.variable_handle(variable),
+            accum=keras_compat.variable_handle(accum),
             lr=tf.cast(lr, dtype),
             grad=update,
             momentum=tf.cast(self.momentum, dtype),
@@ -228,7 +222,7 @@ class LARS(tf.keras.optimizers.Optimizer):
         config = super().get_config()
         config.update(
             {
-                "learning_rate": self._serialize_hyperparameter(self._learning_rate),
+                "learning_rate": self._learning_rate_config(),
                 "momentum": self.momentum,
                 "nesterov": self.nesterov,
                 "weight_decay": self.lars_weight_decay,
@@ -242,12 +236,6 @@ class LARS(tf.keras.optimizers.Optimizer):
             }
         )
         return config
-
-
-# A saved model names LARS "lars_tf>LARS" (.keras), or plainly "LARS" (.h5, and inside
-# Horovod's DistributedOptimizer, a subclass of that name): both load with
-# tf.keras.models.load_model(path) once lars_tf is imported, without custom_objects.
-tf.keras.utils.get_custom_objects().setdefault("LARS", LARS)
 
 
 def _norm32(x: tf.Tensor) -> tf.Tensor:

@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import tensorflow as tf
-from keras.src.mixed_precision.loss_scale_optimizer import LossScaleOptimizerV3
 
+from lars_tf import keras_compat
 from lars_tf.config import PRECISIONS
 
 
@@ -52,40 +52,6 @@ def needs_loss_scaling(precision: str) -> bool:
     return precision == "mixed_float16"
 
 
-class LossScaleOptimizer(LossScaleOptimizerV3):
-    """Keras' dynamic loss scaling, deciding once per weight update.
-
-    ``is_update_step`` returns a boolean tensor: True when this backward pass ends an
-    accumulation window (its gradients are the all-reduced sum of the window). On the other
-    backward passes the inner optimizer only accumulates, and the loss scale is neither
-    checked nor changed. With ``is_update_step=None`` every pass is an update (plain Keras
-    behaviour).
-    """
-
-    def __init__(self, inner_optimizer, is_update_step: Callable[[], tf.Tensor] | None = None,
-                 **kwargs):
-        super().__init__(inner_optimizer, **kwargs)
-        self._is_update_step = is_update_step
-
-    def apply_gradients(self, grads_and_vars, skip_gradients_aggregation=False, **kwargs):
-        if self._is_update_step is None:
-            return super().apply_gradients(grads_and_vars, skip_gradients_aggregation,
-                                           **kwargs)
-        grads_and_vars = list(grads_and_vars)
-        parent = super()
-
-        def update():
-            parent.apply_gradients(grads_and_vars, skip_gradients_aggregation, **kwargs)
-            return tf.constant(True)
-
-        def accumulate():
-            # The inner (Horovod) optimizer counts the pass and leaves the weights alone.
-            self._optimizer.apply_gradients(grads_and_vars, skip_gradients_aggregation=True)
-            return tf.constant(False)
-
-        return tf.cond(self._is_update_step(), update, accumulate)
-
-
 def wrap_loss_scale(
     optimizer: tf.keras.optimizers.Optimizer,
     precision: str,
@@ -93,9 +59,10 @@ def wrap_loss_scale(
     initial_scale: float = 2.0 ** 15,
     dynamic_growth_steps: int = 2000,
 ) -> tf.keras.optimizers.Optimizer:
-    """``optimizer`` under dynamic loss scaling when ``precision`` needs it, else as is."""
+    """``optimizer`` under Keras' dynamic loss scaling when ``precision`` needs it, else as
+    is. ``is_update_step`` (Keras 2, around Horovod's accumulating optimizer): see
+    ``lars_tf.keras_compat.loss_scale_optimizer``."""
     if not needs_loss_scaling(precision):
         return optimizer
-    return LossScaleOptimizer(optimizer, is_update_step=is_update_step, dynamic=True,
-                              initial_scale=initial_scale,
-                              dynamic_growth_steps=dynamic_growth_steps)
+    return keras_compat.loss_scale_optimizer(optimizer, initial_scale, dynamic_growth_steps,
+                                             is_update_step)

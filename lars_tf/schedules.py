@@ -6,12 +6,13 @@ import math
 
 import tensorflow as tf
 
+from lars_tf import keras_compat
 from lars_tf.validation import check_number
 
 SCALING_RULES = ("linear", "sqrt")
 
 
-@tf.keras.utils.register_keras_serializable(package="lars_tf")
+@keras_compat.register
 class WarmupPolynomialDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
     r"""Linear warmup to ``peak_learning_rate``, then polynomial decay to ``end_learning_rate``.
 
@@ -98,8 +99,6 @@ class WarmupPolynomialDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
-# .h5 files name it plainly (see lars_tf.optimizers): loadable after `import lars_tf`.
-tf.keras.utils.get_custom_objects().setdefault("WarmupPolynomialDecay", WarmupPolynomialDecay)
 
 
 def scale_learning_rate(

@@ -7,7 +7,7 @@ import time
 import tensorflow as tf
 from absl import logging
 
-from lars_tf import build, checkpoint, distributed
+from lars_tf import build, checkpoint, distributed, keras_compat
 from lars_tf import callbacks as cb
 from lars_tf import data as data_lib
 from lars_tf import precision as precision_lib
@@ -62,9 +62,10 @@ class Trainer:
         optimizer = build.build_optimizer(config, datasets.steps_per_epoch)
         model.compile(
             optimizer=optimizer,
+            **keras_compat.compile_options(),
             loss=build.build_loss(num_classes, config.label_smoothing),
             metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-                     tf.keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")],
+                     build.top_k_accuracy(5, name="top5")],
         )
         optimizer.build(model.trainable_variables)
         meta = {}
@@ -78,6 +79,7 @@ class Trainer:
         # The initial weights came from --seed (and now from rank 0); what is drawn from
         # here on (dropout masks) comes from (seed, rank), so ranks draw differently.
         tf.keras.utils.set_random_seed(data_lib.rank_seed(config.seed, world.rank))
+        keras_compat.reseed_layers(model, data_lib.rank_seed(config.seed, world.rank))
         self.rank_settings = distributed.gather_object(distributed.rank_settings(),
                                                        name="lars_tf.rank_settings")
         end_epoch = config.stop_after_epoch or config.epochs
@@ -95,7 +97,7 @@ class Trainer:
             *([cb.CheckReplicas(config.check_replicas_every, optimizer)]
               if config.check_replicas_every else []),
             *([cb.Watchdog(config.watchdog_sec, world.rank)] if config.watchdog_sec else []),
-            distributed.metric_average_callback(),
+            cb.AverageMetrics(),
             cb.EpochTimer(config.global_batch_size * datasets.steps_per_epoch // k),
             cb.AverageBatchNormStatistics(),
             cb.ExactEval(datasets.eval, config.eval_every, end_epoch, num_classes),
@@ -103,8 +105,9 @@ class Trainer:
             tta,
             cb.LearningRateLogger(optimizer),
             cb.EpochLog(self.history),
-            *outputs.callbacks(self, optimizer, tta, t_start - elapsed_before, end_epoch),
             *(callbacks or []),
+            # last: a checkpoint holds what the user's callbacks did at the epoch's end
+            *outputs.callbacks(self, optimizer, tta, t_start - elapsed_before, end_epoch),
         ]
         if start_epoch < end_epoch:
             model.fit(

@@ -6,6 +6,7 @@ Every job here is a real Horovod run (Gloo, 2 ranks) or a single process.
 import numpy as np
 import pytest
 
+from lars_tf import keras_compat
 from lars_tf.testing import launcher, run_job
 
 GLOBAL = 512
@@ -50,6 +51,22 @@ def test_split_batch_equals_one_big_batch(ranks, passes, one_process, tmp_path):
             assert _rel_err(g, want) < 1e-5, (
                 f"rank {r} weight {i}: relative difference {_rel_err(g, want):.2e} from "
                 f"one process at batch {GLOBAL}")
+
+
+@pytest.mark.skipif(not keras_compat.KERAS3, reason="Keras 2 wraps optimizers with Horovod's "
+                    "own DistributedOptimizer (tested above with LARS)")
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_keras_optimizers_through_the_distributed_optimizer(optimizer, one_process, tmp_path):
+    """lars_tf.DistributedOptimizer wraps any Keras 3 optimizer: Keras' SGD (momentum, the
+    schedule) and Adam (whose bias correction counts updates, not backward passes), on 2
+    ranks x 2 passes, equal one process at the same global batch."""
+    ref, init = one_process(f"optimizer={optimizer}")
+    run_job(launcher("gloo", 2) + ["python", "tests/workers/equivalence.py", str(tmp_path),
+                                   str(GLOBAL), "2", f"optimizer={optimizer}"])
+    for r in range(2):
+        for i, (g, want, w0) in enumerate(zip(_weights(tmp_path / f"rank{r}.npz"), ref, init)):
+            assert _rel_err(want, w0) > 1e-3, f"weight {i} barely trained"
+            assert _rel_err(g, want) < 1e-5, (optimizer, r, i, _rel_err(g, want))
 
 
 @pytest.mark.parametrize("options, reference, tolerance", [

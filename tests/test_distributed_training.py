@@ -1,6 +1,7 @@
 """Real 2-rank training jobs under horovodrun (Gloo) and the pip Open MPI's mpirun."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -64,16 +65,18 @@ def test_after_a_resume_every_rank_holds_rank_0s_complete_state(precision, passe
     assert states[0].keys() == states[1].keys() and len(states[0]) >= 10
     for key in states[0]:
         np.testing.assert_array_equal(states[1][key], states[0][key], err_msg=key)
-    scale = [k for k in states[0] if "current_loss_scale" in k]
-    good = [k for k in states[0] if "good_steps" in k]
+    scale = [k for k in states[0] if re.search(r"current_loss_scale|dynamic_scale", k)]
+    good = [k for k in states[0] if re.search(r"good_steps|step_counter", k)]
     if precision == "mixed_float16":
         assert float(states[1][scale[0]]) == 1024.0 and int(states[1][good[0]]) == 7
     else:
         assert not scale and not good
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["resumed_from_epoch"] == 1 and summary["epochs_done"] == 2
-    step = [k for k in states[0] if k.endswith("iteration:0")]
-    assert int(states[1][step[0]]) == summary["steps_per_epoch"] == 8 * passes  # epoch 1
+    # the optimizer's step counter (Keras 3 stacks hold one per wrapper; one of them may be
+    # a wrapper's own that never counts)
+    steps = [int(states[1][k]) for k in states[0] if re.search(r"iteration(:0)?$", k)]
+    assert max(steps) == summary["steps_per_epoch"] == 8 * passes  # epoch 1
 
 
 def test_ranks_draw_different_dropout_masks_and_a_rerun_repeats_them(tmp_path):

@@ -1,10 +1,12 @@
 """LARS against the NumPy reference of its documented rule, and its Keras behaviour."""
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from lars_tf import LARS, WarmupPolynomialDecay
+from lars_tf import LARS, WarmupPolynomialDecay, keras_compat
 from tests import reference
 
 STEPS = 12
@@ -85,7 +87,9 @@ def test_mixed_float16_policy_keras_model():
         loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         variables = model.trainable_variables
         assert all(v.dtype == tf.float32 for v in variables)
-        ref = {v.name: (v.numpy().astype(np.float64), np.zeros(v.shape)) for v in variables}
+        names = [keras_compat.variable_path(v) for v in variables]
+        ref = {n: (v.numpy().astype(np.float64), np.zeros(v.shape))
+               for n, v in zip(names, variables)}
         for _ in range(STEPS):
             with tf.GradientTape() as tape:
                 logits = model(x, training=True)
@@ -93,15 +97,14 @@ def test_mixed_float16_policy_keras_model():
                 loss = loss_fn(y, logits)
             grads = tape.gradient(loss, variables)
             opt.apply_gradients(zip(grads, variables))
-            for v, g in zip(variables, grads):
-                decay = adapt = v.name.endswith("kernel:0")
-                w, m = ref[v.name]
-                ref[v.name] = reference.lars_step(w, g.numpy(), m, lr=0.5, momentum=0.9,
+            for n, g in zip(names, grads):
+                decay = adapt = re.search(r"kernel(:0)?$", n) is not None
+                w, m = ref[n]
+                ref[n] = reference.lars_step(w, g.numpy(), m, lr=0.5, momentum=0.9,
                                                   wd=1e-3, eta=1e-3, eps=0.0,
                                                   decay=decay, adapt=adapt)
-        for v in variables:
-            np.testing.assert_allclose(v.numpy(), ref[v.name][0], rtol=1e-4, atol=1e-6,
-                                       err_msg=v.name)
+        for n, v in zip(names, variables):
+            np.testing.assert_allclose(v.numpy(), ref[n][0], rtol=1e-4, atol=1e-6, err_msg=n)
     finally:
         tf.keras.mixed_precision.set_global_policy("float32")
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lars_tf import LARS, TrainConfig, models
+from lars_tf import LARS, TrainConfig, keras_compat, models
 
 
 def _trainable(model):
@@ -57,7 +57,8 @@ def test_one_training_step_on_synthetic_data(name):
 
 
 def _last_gammas(model):
-    return [v.numpy() for v in model.trainable_variables if "_3_bn/gamma" in v.name]
+    return [v.numpy() for v in model.trainable_variables
+            if "_3_bn/gamma" in keras_compat.variable_path(v)]
 
 
 def test_zero_init_residual_and_unknown_model():

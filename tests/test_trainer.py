@@ -19,9 +19,16 @@ SHORT = ["--model=small_cnn", "--global_batch_size=4096", "--epochs=2", "--learn
          "--noprogress_bar"]
 
 
-def _train(model_dir, *flags, timeout=600):
+def _train(model_dir, *flags, timeout=600, **env):
     return run_job(launcher("gloo") + ["lars-train", f"--model_dir={model_dir}", *SHORT,
-                                       *flags], timeout=timeout)
+                                       *flags], timeout=timeout, **env)
+
+
+# TensorFlow 2.20's oneDNN CPU kernels are not deterministic from one run to the next (two
+# identical 2-rank runs of small_cnn differed after one epoch; with oneDNN off, and on TF
+# 2.15 with it on, they were bit-identical): runs that must repeat each other exactly use
+# TensorFlow's own kernels.
+EXACT = dict(TF_ENABLE_ONEDNN_OPTS="0")
 
 
 def _checkpoint_tensors(model_dir):
@@ -33,22 +40,24 @@ def _checkpoint_tensors(model_dir):
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    _train(straight, "--target_accuracy=0.6")
-    _train(split, "--stop_after_epoch=1")
+    _train(straight, "--target_accuracy=0.6", **EXACT)
+    _train(split, "--stop_after_epoch=1", **EXACT)
     stopped = json.loads((split / "summary.json").read_text())
     assert stopped["epochs_done"] == 1 and len(stopped["history"]) == 1
-    _train(split, "--resume")
+    _train(split, "--resume", **EXACT)
 
     ckpts_a, a = _checkpoint_tensors(straight)
     ckpts_b, b = _checkpoint_tensors(split)
     assert ckpts_a == ckpts_b == ["epoch-000002"]  # --keep_checkpoints=1
     assert a.keys() == b.keys()
-    weights = [k for k in a if "model/" in k]
-    assert len(weights) >= 14  # 10 trainable + 4 BatchNorm moving statistics, at least
-    # the optimizer's state: step counter and one momentum slot per trainable tensor
-    slots = [k for k in a if k.startswith("optimizer/_variables/")]
+    # 10 trainable tensors + 4 BatchNorm moving statistics + 10 momentum slots + the step
+    # counter, at least (Keras 3 files the model's trainable tensors under the optimizer)
+    assert len(a) >= 25
+    # one momentum slot per trainable tensor (in the optimizer, or the one it wraps)
+    slots = [k for k in a if re.match(r"optimizer/(inner_optimizer/)*_variables/\d+/", k)]
     assert len(slots) == 10 and all(np.abs(a[k]).sum() > 0 for k in slots)
-    assert int(a["optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"]) == 2 * 14
+    steps = [int(a[k]) for k in a if k.endswith("_iterations/.ATTRIBUTES/VARIABLE_VALUE")]
+    assert max(steps) == 2 * 14
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
@@ -70,6 +79,7 @@ def test_custom_keras_model_through_the_python_api(tmp_path):
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
     for k in ranks[0].files:
         np.testing.assert_array_equal(ranks[0][k], ranks[1][k], err_msg=k)
+    assert abs(float(ranks[0]["beta"]) - 1.0) > 1e-3  # the user's own layer trained too
     # BatchNorm's moving statistics are the mean of the ranks' own, not one rank's
     bn = [np.load(tmp_path / f"bn_rank{r}.npz") for r in range(2)]
     assert not np.allclose(bn[0]["local"], bn[1]["local"])
@@ -136,11 +146,12 @@ def test_every_config_field_is_a_flag():
 def test_a_preset_fills_the_flags_not_given(tmp_path):
     # SHORT (and --epochs=1) give the model, batch, epochs, learning rate and warmup: those win; the
     # preset brings the rest (warmup from 1.0, its epoch size); the chief says what changed
-    proc = _train(tmp_path, "--preset=alexnet_bn-8k", "--dataset=fashion_mnist", "--epochs=1")
+    proc = _train(tmp_path, "--preset=alexnet_bn-8k", "--dataset=fashion_mnist", "--epochs=1",
+                  "--model=mlp")  # a given flag wins (and the mlp trains an epoch fast)
     config = json.loads((tmp_path / "summary.json").read_text())["config"]
     assert config["preset"] == "alexnet_bn-8k"
     assert (config["model"], config["global_batch_size"], config["learning_rate"]) == \
-        ("small_cnn", 4096, 3.0)
+        ("mlp", 4096, 3.0)
     assert config["warmup_start_learning_rate"] == 1.0
     assert config["train_examples"] == 1281167
     assert "preset alexnet_bn-8k (its source: " in proc.stderr

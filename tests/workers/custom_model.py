@@ -5,11 +5,25 @@
 
 import sys
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 import lars_tf
 from lars_tf.data import fashion_mnist
+
+# A user's layer written in Keras 3's backend-neutral keras.ops (tf.math on Keras 2).
+ops = getattr(keras, "ops", tf.math)
+
+
+class LearnedSwish(tf.keras.layers.Layer):
+    """x * sigmoid(beta * x) with a trainable beta: a layer of the user's own."""
+
+    def build(self, input_shape):
+        self.beta = self.add_weight(name="beta", shape=(), initializer="ones")
+
+    def call(self, x):
+        return ops.multiply(x, ops.sigmoid(ops.multiply(self.beta, x)))
 
 
 class TinyNet(tf.keras.Model):
@@ -17,13 +31,14 @@ class TinyNet(tf.keras.Model):
 
     def __init__(self):
         super().__init__(name="tiny_net")
-        self.conv = tf.keras.layers.Conv2D(16, 3, strides=2, activation="relu")
+        self.conv = tf.keras.layers.Conv2D(16, 3, strides=2)
+        self.act = LearnedSwish()
         self.norm = tf.keras.layers.BatchNormalization(momentum=0.9)
         self.flat = tf.keras.layers.Flatten()
         self.out = tf.keras.layers.Dense(10)
 
     def call(self, x, training=False):
-        return self.out(self.flat(self.norm(self.conv(x), training=training)))
+        return self.out(self.flat(self.norm(self.act(self.conv(x)), training=training)))
 
 
 out_dir = sys.argv[1]
@@ -60,6 +75,6 @@ local = LocalBatchNormStats()
 summary = lars_tf.Trainer(config, model=model).fit(train, test,
                                                    steps_per_epoch=30000 // per_rank,
                                                    callbacks=[local])
-np.savez(f"{out_dir}/rank{world.rank}.npz", *model.get_weights())
+np.savez(f"{out_dir}/rank{world.rank}.npz", *model.get_weights(), beta=model.act.beta.numpy())
 np.savez(f"{out_dir}/bn_rank{world.rank}.npz", local=np.stack(local.stats),
          final=np.stack([v.numpy() for v in model.norm.non_trainable_variables]))

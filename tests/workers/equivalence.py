@@ -3,7 +3,9 @@
     [horovodrun -np N] python tests/workers/equivalence.py OUT_DIR GLOBAL_BATCH PASSES [OPT=V]
 
 OPT=V: ``predivide=F`` (gradient_predivide_factor), ``precision=mixed_float16`` (the whole
-stack with dynamic loss scaling), ``fp16_allreduce=1`` (float16 on the wire).
+stack with dynamic loss scaling), ``fp16_allreduce=1`` (float16 on the wire),
+``optimizer=sgd|adam`` (Keras' own optimizer instead of LARS; Keras 3 only, through
+lars_tf.DistributedOptimizer).
 
 Update s uses the same global batch of Fashion-MNIST test images whatever the split: rank r's
 pass j takes rows [(r * PASSES + j) * b, ... + b) of it, b = GLOBAL_BATCH / (N * PASSES).
@@ -16,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 import lars_tf
-from lars_tf import LARS, WarmupPolynomialDecay, distributed, models
+from lars_tf import LARS, WarmupPolynomialDecay, distributed, keras_compat, models
 from lars_tf import precision as precision_lib
 from lars_tf.config import TrainConfig
 from lars_tf.data import fashion_mnist
@@ -42,14 +44,21 @@ rows = np.concatenate([
 tf.keras.utils.set_random_seed(7)
 model = models.get("mlp", (28, 28, 1), 10)
 schedule = WarmupPolynomialDecay(peak_learning_rate=2.0, warmup_steps=2, total_steps=UPDATES,
-                                 backward_passes_per_step=passes)
+                                 backward_passes_per_step=distributed.passes_per_counted_step(
+                                     passes))
+local = {
+    "lars": lambda: LARS(learning_rate=schedule, momentum=0.9, weight_decay=1e-3,
+                         trust_coefficient=0.01),
+    "sgd": lambda: tf.keras.optimizers.SGD(learning_rate=schedule, momentum=0.9),
+    "adam": lambda: tf.keras.optimizers.Adam(learning_rate=1e-2),
+}[options.get("optimizer", "lars")]()
 optimizer = distributed.wrap_optimizer(
-    LARS(learning_rate=schedule, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.01),
-    backward_passes_per_step=passes, precision=precision,
+    local, backward_passes_per_step=passes, precision=precision,
     gradient_predivide_factor=float(options.get("predivide", 1.0)),
     fp16_allreduce=options.get("fp16_allreduce") == "1")
 model.compile(optimizer=optimizer,
-              loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+              loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+              **keras_compat.compile_options())
 distributed.broadcast_state(model, optimizer)
 initial = model.get_weights()
 model.fit(images[rows], labels[rows], batch_size=b, epochs=1, shuffle=False, verbose=0)
@@ -57,4 +66,5 @@ assert int(optimizer.iterations.numpy()) == UPDATES * passes
 np.savez(f"{out_dir}/rank{world.rank}.npz",
          **{f"w{i}": w for i, w in enumerate(model.get_weights())},
          **{f"init{i}": w for i, w in enumerate(initial)},
-         loss_scale=float(getattr(optimizer, "loss_scale", 0.0)))
+         loss_scale=(keras_compat.loss_scale_state(optimizer)[0]
+                     if keras_compat.find_loss_scale_optimizer(optimizer) else 0.0))

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 import lars_tf
-from lars_tf import LARS, distributed, models, precision
+from lars_tf import LARS, distributed, keras_compat, models, precision
 from lars_tf.config import TrainConfig
 from lars_tf.data import fashion_mnist
 
@@ -29,16 +29,15 @@ model = models.get("mlp", (28, 28, 1), 10)
 optimizer = distributed.wrap_optimizer(
     LARS(learning_rate=1.0, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.01),
     precision="mixed_float16", fp16_allreduce=fp16_allreduce, backward_passes_per_step=passes)
-assert isinstance(optimizer, precision.LossScaleOptimizer)
+assert keras_compat.find_loss_scale_optimizer(optimizer) is not None
 distributed.broadcast_state(model, optimizer)
 loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 @tf.function
 def train_pass(x, y, poison):
-    with tf.GradientTape() as tape:
-        loss = loss_fn(y, model(x, training=True)) * poison
-    optimizer.minimize(loss, model.trainable_variables, tape=tape)
+    keras_compat.minimize(optimizer, lambda: loss_fn(y, model(x, training=True)) * poison,
+                          model.trainable_variables)
 
 
 record = {f"init_w{i}": w.numpy() for i, w in enumerate(model.trainable_variables)}
@@ -47,7 +46,7 @@ for p in range(4 * passes):
     x = (images[lo: lo + batch] / 255.0).astype(np.float32)
     poison = float("inf") if (world.rank == 1 and p == bad_pass) else 1.0
     train_pass(x, labels[lo: lo + batch], tf.constant(poison))
-    record[f"scale{p}"] = np.float64(optimizer.loss_scale.numpy())
+    record[f"scale{p}"] = np.float64(keras_compat.loss_scale_state(optimizer)[0])
     for i, w in enumerate(model.trainable_variables):
         record[f"p{p}_w{i}"] = w.numpy()
 record["passes"] = 4 * passes

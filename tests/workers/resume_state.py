@@ -10,10 +10,12 @@ that the checkpoint holds (model, optimizer, loss scale) as it is when training 
 
 import sys
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 import lars_tf
+from lars_tf import keras_compat
 from lars_tf.data import fashion_mnist
 
 model_dir, phase, precision, k = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -26,10 +28,9 @@ config = lars_tf.TrainConfig(
 
 class SetLossScale(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
-        scale = getattr(self.model.optimizer, "_loss_scale", None)
-        if scale is not None:  # on every rank alike, before rank 0's checkpoint
-            scale.current_loss_scale.assign(1024.0)
-            scale.counter.assign(7)
+        if keras_compat.find_loss_scale_optimizer(self.model.optimizer):
+            # on every rank alike, before rank 0's checkpoint
+            keras_compat.set_loss_scale_state(self.model.optimizer, 1024.0, 7)
 
 
 class DumpState(tf.keras.callbacks.Callback):
@@ -40,10 +41,12 @@ class DumpState(tf.keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         # what a checkpoint of the two holds, walked here independently of lars_tf
         root = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
+        variable_types = (tf.Variable, *([keras.Variable] if hasattr(keras, "Variable") else []))
         state = [v for v in tf.train.TrackableView(root).descendants()
-                 if isinstance(v, tf.Variable)]
+                 if isinstance(v, variable_types)]
         np.savez(f"{model_dir}/state_rank{self.rank}.npz",
-                 **{f"{i:03d} {v.name}": v.numpy() for i, v in enumerate(state)})
+                 **{f"{i:03d} {getattr(v, 'path', v.name)}": v.numpy()
+                    for i, v in enumerate(state)})
 
 
 world = lars_tf.init()
