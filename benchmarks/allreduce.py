@@ -6,8 +6,10 @@ Gloo vs MPI, fp32 vs fp16 compression, against the machine's memory-copy bound.
 Each setting is one 2-rank job started with launch/horovodrun_gpu.sh (so the presets and
 flags are the launchers' own): the default preset (single_node), and fusion threshold 0
 (off), 64 MB and 128 MB at cycle times of 1 and 5 ms, under Gloo and MPI. In every job the
-ranks run ``hvd.DistributedGradientTape`` over variables with ResNet-50 v1.5's 161 trainable
-shapes (25.6M floats), the gradient being a fixed random tensor per variable, and time:
+ranks all-reduce the gradients of variables with ResNet-50 v1.5's 161 trainable shapes
+(25.6M floats), the gradient being a fixed random tensor per variable, the way the stack's
+distributed optimizer does (Keras 3: ``lars_tf.DistributedOptimizer``'s grouped
+all-reduce; Keras 2: ``hvd.DistributedGradientTape``, Horovod's own), and time:
 
 - the step without Horovod (the gradient computation alone, subtracted below);
 - the step with the all-reduce, uncompressed (fp32) and with ``hvd.Compression.fp16``,
@@ -17,7 +19,9 @@ shapes (25.6M floats), the gradient being a fixed random tensor per variable, an
   2 (p - 1) / p of the gradient bytes, so ``bound = 2 (p - 1) / p * bytes / bandwidth``.
 
 The jobs take turns over --rounds rounds; each figure is the median over rounds of the
-per-job median step. Writes benchmarks/results/allreduce.{json,png} and its RESULTS.md section.
+per-job median step. Writes benchmarks/results/allreduce.{json,png} and its RESULTS.md
+section; --baseline names the raw JSON of an earlier run (by default the Keras 2 stack's,
+results/allreduce_keras2.json) whose figures each row is compared with.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ flags.DEFINE_integer("rounds", 3, "Rounds over all settings.")
 flags.DEFINE_integer("steps", 20, "Timed steps per block.")
 flags.DEFINE_integer("blocks", 3, "Alternating fp32/fp16 blocks per job.")
 flags.DEFINE_string("worker", None, "Internal: time the all-reduce, rank 0 writes here.")
+flags.DEFINE_string("baseline", str(common.RESULTS.parent / "results" / "allreduce_keras2.json"),
+                    "Raw JSON of an earlier run to compare each row with ('' for none).")
 common.define_output_flags("allreduce")
 FLAGS = flags.FLAGS
 
@@ -56,7 +62,7 @@ def worker(out: str) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from lars_tf import models
+    from lars_tf import keras_compat, models
 
     hvd.init()
     shapes = [tuple(v.shape) for v in
@@ -72,13 +78,23 @@ def worker(out: str) -> None:
         def step():
             with tf.GradientTape() as tape:
                 loss = tf.add_n([tf.reduce_sum(v * g) for v, g in zip(variables, grads)])
-            if compression is not None:
-                tape = hvd.DistributedGradientTape(tape, compression=compression)
-            return tape.gradient(loss, variables)
+            if compression is not None and not keras_compat.KERAS3:
+                tape = hvd.DistributedGradientTape(
+                    tape, compression=getattr(hvd.Compression, compression))
+            out = tape.gradient(loss, variables)
+            if compression is not None and keras_compat.KERAS3:
+                out = allreducers[compression].allreduce(out)
+            return out
         return step
 
-    steps = {"local": make_step(None), "fp32": make_step(hvd.Compression.none),
-             "fp16": make_step(hvd.Compression.fp16)}
+    if keras_compat.KERAS3:
+        import keras
+
+        import lars_tf
+
+        allreducers = {c: lars_tf.DistributedOptimizer(keras.optimizers.SGD(0.0), compression=c)
+                       for c in ("none", "fp16")}
+    steps = {"local": make_step(None), "fp32": make_step("none"), "fp16": make_step("fp16")}
 
     def timed(fn):
         for _ in range(3):
@@ -147,15 +163,28 @@ def main(argv):
                       f"{1e3 * (res['fp32'] - res['local']):7.1f} ms  fp16 "
                       f"{1e3 * (res['fp16'] - res['local']):7.1f} ms", flush=True)
         tmp.unlink()
+        from lars_tf import keras_compat
+
         raw = {"command": common.command_line(), "machine": common.machine_line(),
-               "versions": {"tensorflow": tf.__version__}, "rounds": FLAGS.rounds,
+               "versions": {"tensorflow": tf.__version__}, "keras3": keras_compat.KERAS3,
+               "rounds": FLAGS.rounds,
                "steps": FLAGS.steps, "blocks": FLAGS.blocks, "total_sec": time.time() - t0,
                "results": results}
         out.write_text(json.dumps(raw, indent=1))
-    report(json.loads(out.read_text()), out)
+    baseline = None
+    if FLAGS.baseline and Path(FLAGS.baseline).exists() and \
+            Path(FLAGS.baseline).resolve() != out.resolve():
+        baseline = json.loads(Path(FLAGS.baseline).read_text())
+    report(json.loads(out.read_text()), out, baseline)
 
 
-def report(raw: dict, out: Path) -> None:
+def _path(raw: dict) -> str:
+    """What all-reduced in a run (runs before the Keras 3 stack say nothing: Keras 2)."""
+    return ("`lars_tf.DistributedOptimizer` (Keras 3)" if raw.get("keras3")
+            else "`hvd.DistributedGradientTape` (Keras 2)")
+
+
+def report(raw: dict, out: Path, baseline: dict | None = None) -> None:
 
     results = raw["results"]
     first = next(iter(results.values()))[0]
@@ -174,7 +203,9 @@ def report(raw: dict, out: Path) -> None:
     off = allreduce_sec("gloo|fusion off (0), cycle 1 ms", "fp32")
     table = ["| controller | setting | all-reduce fp32 (ms/step) | vs fusion off | fraction "
              "of copy bound | fp16 compression (ms/step) | fp16 vs fp32 | peak RSS/rank "
-             "(MB) |", "|---|---|---|---|---|---|---|---|"]
+             "(MB) |" + (" baseline fp32 (ms/step) | baseline / this |" if baseline else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if baseline else "")]
+    ratios = []
     rows = []
     for key in results:
         controller, label = key.split("|")
@@ -182,9 +213,13 @@ def report(raw: dict, out: Path) -> None:
         off_c = allreduce_sec(f"{controller}|fusion off (0), cycle 1 ms", "fp32")
         peak = max(max(r["peak_rss_mb_per_rank"]) for r in results[key])
         rows.append((controller, label, fp32, fp16))
-        table.append(f"| {controller} | {label} | {1e3 * fp32:.1f} | {off_c / fp32:.2f}x | "
-                     f"{bound / fp32:.0%} | {1e3 * fp16:.1f} | {fp32 / fp16:.2f}x | "
-                     f"{peak:.0f} |")
+        row = (f"| {controller} | {label} | {1e3 * fp32:.1f} | {off_c / fp32:.2f}x | "
+               f"{bound / fp32:.0%} | {1e3 * fp16:.1f} | {fp32 / fp16:.2f}x | {peak:.0f} |")
+        if baseline and key in baseline["results"]:
+            then = statistics.median(r["fp32"] - r["local"] for r in baseline["results"][key])
+            ratios.append(then / fp32)
+            row += f" {1e3 * then:.1f} | {then / fp32:.2f}x |"
+        table.append(row)
     default = allreduce_sec("gloo|default preset (single_node)", "fp32")
     default_mpi = allreduce_sec("mpi|default preset (single_node)", "fp32")
     off_mpi = allreduce_sec("mpi|fusion off (0), cycle 1 ms", "fp32")
@@ -195,7 +230,7 @@ def report(raw: dict, out: Path) -> None:
     common.report(
         "allreduce", "All-reduce of ResNet-50's gradients (`benchmarks/allreduce.py`)",
         f"{first['tensors']} tensors, {n_bytes / 2**20:.1f} MiB of float32 gradients, "
-        f"all-reduced (average) by `hvd.DistributedGradientTape` across {size} ranks on this "
+        f"all-reduced (average) by {_path(raw)} across {size} ranks on this "
         f"machine, each setting a job of `launch/horovodrun_gpu.sh`; all-reduce time = step "
         f"with Horovod - the same step without it ({1e3 * local:.1f} ms); median over "
         f"{raw['rounds']} rounds of the median of {raw['blocks']} x {raw['steps']} steps. "
@@ -203,12 +238,19 @@ def report(raw: dict, out: Path) -> None:
         f"{copy_bw / 2**30:.1f} GiB/s, so a ring all-reduce of these bytes cannot beat "
         f"{1e3 * bound:.1f} ms (2 (p-1)/p x bytes / bandwidth). The whole run took "
         f"{raw['total_sec'] / 60:.1f} min. Raw "
-        f"results: `{os.path.relpath(out, common.RESULTS.parent)}`.",
+        f"results: `{os.path.relpath(out, common.RESULTS.parent)}`."
+        + (f" Baseline: the run in `{os.path.relpath(FLAGS.baseline, common.RESULTS.parent)}`"
+           f" ({_path(baseline)}, TensorFlow {baseline['versions']['tensorflow']}; its "
+           f"command `{baseline['command']}`, machine: {baseline['machine']})."
+           if baseline else ""),
         table + ["", f"![all-reduce time per setting]"
                      f"({os.path.relpath(png, common.RESULTS.parent)})"],
         f"The default preset is {off / default:.2f}x faster than fusion off under Gloo "
         f"({off_mpi / default_mpi:.2f}x under MPI) and reaches {bound / default:.0%} of the "
-        f"memory-copy bound (Gloo; {bound / default_mpi:.0%} under MPI).\n\n"
+        f"memory-copy bound (Gloo; {bound / default_mpi:.0%} under MPI)."
+        + (f" Against the baseline, the rows' all-reduce is {statistics.median(ratios):.2f}x "
+           f"as fast (median of baseline / this over the rows; {min(ratios):.2f}x to "
+           f"{max(ratios):.2f}x)." if ratios else "") + "\n\n"
         "Reading: Gloo on one machine sends over TCP loopback, where each of the 161 "
         "messages pays a fixed cost, so fusing them into a few large buffers is what makes "
         "it fast. Open MPI moves data through shared memory, where a message costs little "

@@ -56,6 +56,39 @@ def define_output_flags(name: str) -> None:
     flags.DEFINE_bool("write", True, "Write the section of benchmarks/RESULTS.md.")
 
 
+# Training-step benchmarks: (model, input shape, batch, timed steps).
+TRAIN_STEP_MODELS = (("small_cnn", (28, 28, 1), 1024, 10), ("resnet50", (224, 224, 3), 16, 3))
+
+
+def train_step_rate(name: str) -> dict:
+    """Images/sec of a training step of ``name`` (``TRAIN_STEP_MODELS``) with lars_tf.LARS,
+    in this process (TensorFlow loads here), on random images; with the versions and
+    whether oneDNN is on."""
+    import tensorflow as tf
+    from tensorflow.python.util import _pywrap_util_port
+
+    import lars_tf
+    from lars_tf import keras_compat, models
+
+    _, shape, batch, steps = next(m for m in TRAIN_STEP_MODELS if m[0] == name)
+    tf.keras.utils.set_random_seed(0)
+    model = models.get(name, shape, 10)
+    model.compile(optimizer=lars_tf.LARS(learning_rate=0.1, weight_decay=5e-5),
+                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=False)
+    x = tf.random.normal((batch, *shape))
+    y = tf.random.uniform((batch,), 0, 10, tf.int32)
+    for _ in range(2):  # trace and warm up
+        model.train_on_batch(x, y)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model.train_on_batch(x, y)
+    return {"images_per_sec": steps * batch / (time.perf_counter() - t0),
+            "onednn": bool(_pywrap_util_port.IsMklEnabled()),
+            "tensorflow": tf.__version__, "keras3": keras_compat.KERAS3,
+            "python": platform.python_version(), "peak_rss_mb": testing.peak_rss_mb()}
+
+
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section between this benchmark's markers in RESULTS.md."""
     begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"

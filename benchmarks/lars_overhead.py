@@ -3,26 +3,29 @@ SGD(momentum=0.9) and TF Model Garden's LARS, side by side in one process.
 
     python -m benchmarks.lars_overhead [--rounds 7] [--steps 10] [--nowrite]
 
-Model Garden's LARS comes from tf-models-official==2.15.0, installed for benchmarks only
-(`make bench` does: pip install --no-deps tf-models-official==2.15.0); only its lars.py,
-which needs nothing but TensorFlow, is loaded. The optimizers take turns within each round,
+Model Garden's LARS comes from tf-models-official of the release matching the stack's
+TensorFlow (constraints.txt: 2.20.0; the legacy stack: 2.15.0), installed for benchmarks
+only (`make bench` does, --no-deps); only its lars.py, which needs nothing but TensorFlow
+(and, from 2.16 on, tf_keras), is loaded. The optimizers take turns within each round,
 so that drift on the machine hits all of them alike; a step is timed as the mean of
 --steps back-to-back steps, and the table gives the median over rounds.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import statistics
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from lars_tf import LARS, models, testing  # noqa: E402
+from lars_tf import LARS, keras_compat, models, testing  # noqa: E402
 from lars_tf.optimizers import DEFAULT_EXCLUDE  # noqa: E402
 
 flags.DEFINE_integer("rounds", 15, "Timed rounds per optimizer.")
@@ -38,19 +41,23 @@ def main(argv):
     n_params = sum(v.shape.num_elements() for v in variables)
     grads = [tf.random.normal(v.shape, stddev=1e-3, seed=i) for i, v in enumerate(variables)]
     MGLARS = testing.load_model_garden("modeling", "optimization", "lars.py").LARS
+    mg = f"Model Garden LARS ({importlib.metadata.version('tf-models-official')})"
     optimizers = {
         "Keras SGD(momentum=0.9)": tf.keras.optimizers.SGD(learning_rate=0.1, momentum=0.9),
         "lars_tf.LARS": LARS(learning_rate=0.1, momentum=0.9,
                              weight_decay=FLAGS.weight_decay),
-        "Model Garden LARS (2.15.0)": MGLARS(
+        mg: MGLARS(
             learning_rate=0.1, momentum=0.9, weight_decay_rate=FLAGS.weight_decay,
             exclude_from_weight_decay=list(DEFAULT_EXCLUDE),
             exclude_from_layer_adaptation=list(DEFAULT_EXCLUDE)),
     }
+    # Model Garden's LARS is a tf_keras (Keras 2) optimizer from TF 2.16 on: it updates the
+    # tf.Variables behind the Keras 3 variables (the same storage)
+    plain = keras_compat.plain_variables(variables)
     steps = {}
     for name, opt in optimizers.items():
-        def step(opt=opt):
-            opt.apply_gradients(zip(grads, variables))
+        def step(opt=opt, targets=plain if name == mg else variables):
+            opt.apply_gradients(zip(grads, targets))
         steps[name] = tf.function(step)
         for _ in range(3):  # trace and warm up
             steps[name]()
@@ -74,12 +81,13 @@ def main(argv):
         rows.append(f"| {name} | {1e3 * statistics.median(times[name]):.1f} | "
                     f"{1e3 * min(times[name]):.1f} | {ratio(name, names[0]):.2f}x |")
     lars_vs_sgd = ratio("lars_tf.LARS", names[0])
-    mg_vs_lars = ratio("Model Garden LARS (2.15.0)", "lars_tf.LARS")
+    mg_vs_lars = ratio(mg, "lars_tf.LARS")
     common.report(
         "lars_overhead", "LARS step overhead (`benchmarks/lars_overhead.py`)",
         f"One `apply_gradients` over ResNet-50 v1.5's {len(variables)} trainable tensors "
         f"({n_params / 1e6:.1f}M parameters), fixed random gradients, inside `tf.function`; "
-        f"{FLAGS.rounds} rounds x {FLAGS.steps} steps, the optimizers taking turns.",
+        f"{FLAGS.rounds} rounds x {FLAGS.steps} steps, the optimizers taking turns; "
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}.",
         rows,
         f"lars_tf.LARS is {lars_vs_sgd:.2f}x the SGD-momentum step and "
         f"{mg_vs_lars:.2f}x faster than Model Garden's LARS.",

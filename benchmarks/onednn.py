@@ -21,38 +21,10 @@ from absl import app, flags
 from benchmarks import common
 from lars_tf import testing
 
-# (model, input shape, batch, timed steps)
-MODELS = (("small_cnn", (28, 28, 1), 1024, 10), ("resnet50", (224, 224, 3), 16, 3))
-
 flags.DEFINE_integer("rounds", 3, "Rounds; each runs every model with oneDNN off and on.")
 flags.DEFINE_bool("write", True, "Write the table to benchmarks/RESULTS.md.")
 flags.DEFINE_string("child", None, "Internal: measure this model in this process.")
 FLAGS = flags.FLAGS
-
-
-def measure(name: str) -> dict:
-    """Images/sec of ``name``'s training step in this process (TF loads here)."""
-    import tensorflow as tf
-    from tensorflow.python.util import _pywrap_util_port
-
-    import lars_tf
-    from lars_tf import models
-
-    _, shape, batch, steps = next(m for m in MODELS if m[0] == name)
-    tf.keras.utils.set_random_seed(0)
-    model = models.get(name, shape, 10)
-    model.compile(optimizer=lars_tf.LARS(learning_rate=0.1, weight_decay=5e-5),
-                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    x = tf.random.normal((batch, *shape))
-    y = tf.random.uniform((batch,), 0, 10, tf.int32)
-    for _ in range(2):  # trace and warm up
-        model.train_on_batch(x, y)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        model.train_on_batch(x, y)
-    return {"images_per_sec": steps * batch / (time.perf_counter() - t0),
-            "onednn": bool(_pywrap_util_port.IsMklEnabled()),
-            "peak_rss_mb": testing.peak_rss_mb()}
 
 
 def run_child(name: str, onednn: str) -> dict:
@@ -67,12 +39,12 @@ def run_child(name: str, onednn: str) -> dict:
 def main(argv):
     del argv
     if FLAGS.child:
-        print(json.dumps(measure(FLAGS.child)))
+        print(json.dumps(common.train_step_rate(FLAGS.child)))
         return
     t_start = time.time()
-    results = {name: {"0": [], "1": []} for name, *_ in MODELS}
+    results = {name: {"0": [], "1": []} for name, *_ in common.TRAIN_STEP_MODELS}
     for r in range(FLAGS.rounds):
-        for name, *_ in MODELS:
+        for name, *_ in common.TRAIN_STEP_MODELS:
             for setting in (("0", "1") if r % 2 == 0 else ("1", "0")):
                 results[name][setting].append(run_child(name, setting))
                 print(f"round {r + 1} {name} oneDNN={setting}: "
@@ -82,7 +54,7 @@ def main(argv):
     rows = ["| model (batch) | oneDNN off: images/sec | oneDNN on: images/sec | on vs off "
             "(median of per-round ratios) | peak RSS off / on (MB) |", "|---|---|---|---|---|"]
     ratios = {}
-    for name, _, batch, _ in MODELS:
+    for name, _, batch, _ in common.TRAIN_STEP_MODELS:
         off, on = results[name]["0"], results[name]["1"]
         ratios[name] = statistics.median(b["images_per_sec"] / a["images_per_sec"]
                                          for a, b in zip(off, on))
