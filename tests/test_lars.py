@@ -242,7 +242,10 @@ def test_saved_models_load_without_custom_objects(tmp_path):
 
     run_job(["python", "tests/workers/save_load.py", "save", str(tmp_path)], timeout=120)
     paths = [str(tmp_path / f"{wrap}-model.{fmt}") for wrap in ("plain", "horovod")
-             for fmt in ("keras", "h5")]
+             for fmt in ("keras", "h5")
+             # Keras 3's legacy .h5 loader builds a wrapping optimizer's state wrongly and
+             # starts it afresh (with a warning): with lars_tf.DistributedOptimizer, .keras
+             if not (keras_compat.KERAS3 and wrap == "horovod" and fmt == "h5")]
     out = run_job(["python", "tests/workers/save_load.py", "load", *paths],
                   timeout=120).stdout
     for path in paths:
