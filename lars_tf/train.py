@@ -115,6 +115,7 @@ class Trainer:
                 initial_epoch=start_epoch,
                 epochs=end_epoch,
                 steps_per_epoch=datasets.steps_per_epoch,
+                shuffle=False,  # the pipeline shuffles (Keras 3 warns that it would not)
                 callbacks=callbacks,
                 verbose=1 if outputs.progress_bar else 0,
             )
