@@ -47,7 +47,8 @@ flags.DEFINE_integer("label_offset", _D.label_offset,
                      "imagenet: subtracted from stored labels (1 for 1-based files).")
 flags.DEFINE_integer("train_examples", _D.train_examples,
                      "imagenet: training examples (0: count the records; 1281167 for "
-                     "ImageNet-1k); synthetic: examples per epoch (0: 10 global batches).")
+                     "ImageNet-1k); synthetic: examples per epoch (0: 10 global batches); "
+                     "fashion_mnist: train on the first N (0: all 60000).")
 flags.DEFINE_integer("shuffle_buffer", _D.shuffle_buffer, "imagenet: shuffle buffer per rank.")
 flags.DEFINE_bool("cache", _D.cache, "imagenet: keep this rank's parsed records in memory.")
 flags.DEFINE_bool("strict_data", _D.strict_data,
@@ -105,11 +106,14 @@ flags.DEFINE_integer("stop_after_epoch", _D.stop_after_epoch,
                      "spans --epochs. Continue later with --resume (0: off).")
 flags.DEFINE_integer("seed", _D.seed, "Random seed (initialisation and shuffling).")
 flags.DEFINE_bool("deterministic", _D.deterministic,
-                  "Deterministic TensorFlow ops: the same run twice gives the same weights.")
+                  "Deterministic TensorFlow ops, one at a time on each rank "
+                  "(--inter_op_threads=1 unless given): the same run twice gives the same "
+                  "weights.")
 flags.DEFINE_integer("intra_op_threads", _D.intra_op_threads,
                      "Threads per op on each rank (0: the node's cores / ranks on the node).")
 flags.DEFINE_integer("inter_op_threads", _D.inter_op_threads,
-                     "Ops run in parallel on each rank (0: max(2, intra_op_threads)).")
+                     "Ops run in parallel on each rank (0: max(2, intra_op_threads), "
+                     "1 with --deterministic).")
 flags.DEFINE_bool("progress_bar", _D.progress_bar, "Keras progress bar on rank 0.")
 flags.DEFINE_integer("check_replicas_every", _D.check_replicas_every,
                      "Every N steps, check that all ranks hold identical weights (a checksum "

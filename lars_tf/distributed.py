@@ -57,13 +57,19 @@ def gpu_for_local_rank(gpus: list, local_rank: int):
     return gpus[local_rank]
 
 
-def init(intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> World:
+def init(intra_op_threads: int | None = None, inter_op_threads: int | None = None,
+         deterministic: bool = False) -> World:
     """Start Horovod and give this rank its device and its share of the CPU.
 
     On GPU nodes each rank sees only the GPU of its local rank (memory growth on). On CPU
     nodes the node's cores are split between the ranks on it, so that ranks do not fight
-    over cores. Call it before building a model (TensorFlow fixes its thread pools at the
-    first op); later calls return the same World.
+    over cores. ``deterministic`` runs one op at a time on each rank (inter-op threads 1,
+    unless ``inter_op_threads`` is given): on TensorFlow 2.20, with ops running side by
+    side, two identical 2-rank runs differed (first in the gradient of the first
+    convolution, by one rounding, at the second update); one op at a time, they repeat.
+    Horovod's ops are asynchronous, so the all-reduce still overlaps the backward pass.
+    Call it before building a model (TensorFlow fixes its thread pools at the first op);
+    later calls return the same World.
     """
     global _WORLD
     if _WORLD is not None:
@@ -84,7 +90,8 @@ def init(intra_op_threads: int | None = None, inter_op_threads: int | None = Non
             "\"oneDNN on CPUs\").")
     threads = intra_op_threads or threads_per_rank(world.local_size)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads or max(2, threads))
+    tf.config.threading.set_inter_op_parallelism_threads(
+        inter_op_threads or (1 if deterministic else max(2, threads)))
     _WORLD = world
     return world
 

@@ -14,7 +14,7 @@ import tensorflow as tf
 from absl import logging
 
 from lars_tf import callbacks as cb
-from lars_tf import distributed, keras_compat, presets
+from lars_tf import distributed, presets
 
 SUMMARY_FILE = "summary.json"
 
@@ -123,13 +123,6 @@ class ChiefOutputs(RunOutputs):
     def started(self, trainer, datasets, start_epoch, end_epoch):
         config, world = self.config, trainer.world
         log_rank_settings(trainer.rank_settings)
-        if config.deterministic and keras_compat.KERAS3 \
-                and any(r["onednn"] for r in trainer.rank_settings):
-            logging.warning(
-                "--deterministic: TensorFlow %s's oneDNN CPU kernels are on, and they do not "
-                "repeat a run bit for bit (two identical runs differed after one epoch here). "
-                "For bit-identical reruns start the ranks with TF_ENABLE_ONEDNN_OPTS=0 "
-                "(about half the CPU speed).", tf.__version__)
         if config.preset:
             presets.log_preset(config)
         k = config.backward_passes_per_step

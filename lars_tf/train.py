@@ -36,9 +36,18 @@ class Trainer:
                              "build your own model with its residual BatchNorms started at 0")
         self.config = config
         self.world = distributed.init(config.intra_op_threads or None,
-                                      config.inter_op_threads or None)
+                                      config.inter_op_threads or None, config.deterministic)
         if config.deterministic:
             tf.config.experimental.enable_op_determinism()
+            inter = tf.config.threading.get_inter_op_parallelism_threads()
+            if inter != 1 and self.world.is_chief:
+                logging.warning(
+                    "--deterministic with %d inter-op threads per rank (%s): ops that run "
+                    "side by side round differently from run to run, so two identical runs "
+                    "can differ. Leave --inter_op_threads at 0 (then --deterministic runs one "
+                    "op at a time) and call lars_tf.init() no earlier than the Trainer.",
+                    inter, "--inter_op_threads" if config.inter_op_threads
+                    else "lars_tf.init() was called before the Trainer")
         precision_lib.set_policy(config.precision)
         tf.keras.utils.set_random_seed(config.seed)
         self.model = model

@@ -86,6 +86,11 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
     batch = config.per_rank_batch_size(size)
     images, labels = load(data_dir, "train")
     test_images, test_labels = load(data_dir, "test")
+    if config.train_examples:  # a subset for quick runs: the first N, before the shards
+        if config.train_examples > len(labels):
+            raise ValueError(f"--train_examples={config.train_examples}: fashion_mnist has "
+                             f"{len(labels)} training examples")
+        images, labels = images[:config.train_examples], labels[:config.train_examples]
 
     # Example-level shard (one in-memory source): rank r takes examples r, r+size, ...
     # Every rank runs the same number of steps, set by the smallest shard.
