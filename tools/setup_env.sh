@@ -77,6 +77,33 @@ fashion_mnist() {
     fi
 }
 
+# The multi-host tests' hosts (tools/cluster.sh) run Debian's sshd in network namespaces.
+# As root it is installed without being started: a policy-rc.d that refuses every service
+# start keeps an sshd from coming up on this machine's own network during the install.
+cluster_tools() {
+    [[ -x /usr/sbin/sshd ]] && command -v ip >/dev/null && return
+    if [[ "${LARS_TF_SKIP_APT:-0}" != 1 && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+        say "installing Debian's openssh-server and iproute2 (the hosts of tools/cluster.sh; not started)"
+        local guard=""
+        if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+            printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+            chmod +x /usr/sbin/policy-rc.d
+            guard=1
+        fi
+        local rc=0
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            openssh-server iproute2 >/dev/null 2>&1 || {
+            apt-get update -q >/dev/null 2>&1 || true
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+                openssh-server iproute2 >/dev/null || rc=$?
+        }
+        [[ -n "$guard" ]] && rm -f /usr/sbin/policy-rc.d
+        [[ $rc -eq 0 ]] || die "apt-get install openssh-server iproute2 failed"
+    else
+        say "no sshd: the multi-host tests (tests/test_cluster.py, root only) will not run"
+    fi
+}
+
 # Everything that decides what gets installed.
 fingerprint() {
     cat "$CONSTRAINTS" "$ROOT/setup.py" "${BASH_SOURCE[0]}" ${HOROVOD_PATCH:+"$HOROVOD_PATCH"}
@@ -87,6 +114,7 @@ WANT="$(fingerprint | sha256sum | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] \
    && "$VENV/bin/python" -c "import horovod.tensorflow, lars_tf" >/dev/null 2>&1; then
     fashion_mnist
+    cluster_tools
     say "up to date ($VENV)"
     exit 0
 fi
@@ -220,6 +248,7 @@ if [[ "$GPU" == 1 ]]; then
 fi
 
 fashion_mnist
+cluster_tools
 echo "$WANT" > "$STAMP"
 echo "$STACK $("$PYTHON" -V 2>&1)" > "$VENV/.lars_tf_stack"
 say "done in $((SECONDS - T0)) s ($VENV)"

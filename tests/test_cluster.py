@@ -1,0 +1,133 @@
+"""Two real hosts on this machine (tools/cluster.sh: network namespaces h1, h2 with their own
+address, hostname and sshd): lars-train started across them by our launchers, and the
+fixture's clean-up. Needs root; CI runs as root."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from lars_tf.testing import BIN, LAUNCH, REPO, job_env, run_job
+
+CLUSTER = str(REPO / "tools" / "cluster.sh")
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="tools/cluster.sh needs root")
+
+
+def _cluster(env, *args, check=True):
+    proc = subprocess.run([CLUSTER, *args], env=env, text=True, capture_output=True,
+                          timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _leftovers(state_dir) -> list[str]:
+    """What a cluster could leave behind: namespaces, /etc/netns entries, its folder, its
+    sshd processes."""
+    found = [f"netns {n}" for n in subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        if n.startswith(("h", "lars-switch"))]
+    found += [f"/etc/netns/{n}" for n in os.listdir("/etc/netns")] \
+        if os.path.isdir("/etc/netns") else []
+    found += [str(state_dir)] if os.path.exists(state_dir) else []
+    found += [f"sshd {line}" for line in subprocess.run(
+        ["pgrep", "-af", f"sshd -f {state_dir}"], capture_output=True,
+        text=True).stdout.splitlines()]
+    return found
+
+
+def test_cluster_refuses_bad_requests(tmp_path):
+    state = tmp_path / "state"
+    env = job_env(LARS_TF_CLUSTER_DIR=state)
+    proc = _cluster(env, "up", "0", check=False)
+    assert proc.returncode != 0 and "N must be 1..32" in proc.stderr
+    proc = _cluster(env, "up", "2", "100gbe", check=False)
+    assert proc.returncode != 0 and "link '100gbe'" in proc.stderr
+    proc = subprocess.run(["runuser", "-u", "nobody", "--", CLUSTER, "up", "2"], env=env,
+                          text=True, capture_output=True, timeout=60)
+    assert proc.returncode != 0 and "needs root" in proc.stderr
+    assert not state.exists()
+
+
+def test_cluster_down_leaves_nothing_behind_even_after_a_host_is_killed(tmp_path):
+    """Runs first, before the module's cluster: up 2, a process left running on h2, h2
+    killed (its processes and link), then down: no namespace, /etc/netns entry, folder or
+    sshd is left."""
+    state = tmp_path / "state"
+    env = job_env(LARS_TF_CLUSTER_DIR=state)
+    _cluster(env, "up", "2")
+    try:
+        assert _cluster(env, "run", "h1", "ssh", "h2", "hostname").stdout.strip() == "h2"
+        sleeper = subprocess.Popen([CLUSTER, "run", "h2", "sleep", "600"], env=env)
+        _cluster(env, "kill", "h2")
+        assert sleeper.wait(timeout=30) != 0
+        assert _cluster(env, "run", "h1", "ssh", "h2", "true", check=False).returncode != 0
+        assert _leftovers(state) != []
+    finally:
+        _cluster(env, "down")
+    assert _leftovers(state) == []
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("cluster") / "state"
+    env = job_env(LARS_TF_CLUSTER_DIR=state)
+    _cluster(env, "up", "2")
+    try:
+        yield env
+    finally:
+        _cluster(env, "down")
+        assert _leftovers(state) == []
+
+
+def _summary(model_dir):
+    return json.loads((model_dir / "summary.json").read_text())
+
+
+TRAIN = ["--model=mlp", "--global_batch_size=1024", "--epochs=1", "--train_examples=8192",
+         "--learning_rate=1.0", "--warmup_epochs=0.5", "--check_replicas_every=1",
+         "--noprogress_bar"]
+
+
+@pytest.mark.parametrize("controller, hosts", [
+    ("--gloo", ["-H", "h1:1,h2:1"]),
+    ("--mpi", ["--hostfile", "HOSTFILE"]),
+])
+def test_horovodrun_launcher_trains_across_two_hosts(cluster, tmp_path, controller, hosts):
+    """launch/horovodrun_gpu.sh on h1 starts one rank on each host (ssh to h2), over the
+    hosts' eth0; every step checks that both ranks hold identical weights and optimizer
+    state (--check_replicas_every=1), and each rank's record names its own host."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("h1 slots=1\nh2 slots=1\n")
+    hosts = [str(hostfile) if h == "HOSTFILE" else h for h in hosts]
+    model_dir = tmp_path / "run"
+    proc = run_job([CLUSTER, "run", "h1", str(LAUNCH / "horovodrun_gpu.sh"), controller,
+                    *hosts, "--network-interface", "eth0", "--",
+                    f"--model_dir={model_dir}", *TRAIN], timeout=600, **_env(cluster))
+    ranks = _summary(model_dir)["ranks"]
+    assert [r["host"] for r in ranks] == ["h1", "h2"], proc.stdout[-2000:]
+    assert _summary(model_dir)["epochs_done"] == 1
+
+
+def test_mpirun_launcher_binds_ranks_per_host_and_exports_its_settings(cluster, tmp_path):
+    """launch/mpirun_cpu.sh --hostfile across 2 hosts: the remote rank (on h2) trains, and
+    its own record holds the settings the launcher exported."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("h1 slots=1\nh2 slots=1\n")
+    model_dir = tmp_path / "run"
+    run_job([CLUSTER, "run", "h1", str(LAUNCH / "mpirun_cpu.sh"), "--hostfile", str(hostfile),
+             "--ranks-per-node", "1", "--network-interface", "eth0",
+             "--fusion-threshold-mb", "32", "--cycle-time-ms", "3", "--",
+             f"--model_dir={model_dir}", *TRAIN], timeout=600, **_env(cluster))
+    ranks = _summary(model_dir)["ranks"]
+    assert [r["host"] for r in ranks] == ["h1", "h2"]
+    remote = ranks[1]["env"]
+    assert remote["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0))), remote
+    assert remote["HOROVOD_FUSION_THRESHOLD"] == str(32 * 1024 * 1024), remote
+    assert remote["HOROVOD_CYCLE_TIME"] == "3", remote
+
+
+def _env(cluster) -> dict:
+    return {"LARS_TF_CLUSTER_DIR": cluster["LARS_TF_CLUSTER_DIR"]}
