@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from lars_tf.testing import BIN, LAUNCH, REPO, job_env, run_job
+from lars_tf.testing import LAUNCH, REPO, job_env, run_job
 
 CLUSTER = str(REPO / "tools" / "cluster.sh")
 
