@@ -4,7 +4,10 @@ fixture's clean-up. Needs root; CI runs as root."""
 
 import json
 import os
+import re
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -131,3 +134,45 @@ def test_mpirun_launcher_binds_ranks_per_host_and_exports_its_settings(cluster, 
 
 def _env(cluster) -> dict:
     return {"LARS_TF_CLUSTER_DIR": cluster["LARS_TF_CLUSTER_DIR"]}
+
+
+def test_a_lost_host_ends_the_job_and_the_hosts_left_resume(cluster, tmp_path):
+    """h2 disappears mid-epoch (every process on it killed, its link taken down, as a host
+    that loses power): the job on h1 ends non-zero within 60 s naming the lost rank, and
+    --resume on h1 alone continues from the last checkpoint."""
+    run = ["--model=mlp", "--global_batch_size=1024", "--epochs=3", "--warmup_epochs=0.5",
+           "--noprogress_bar", f"--model_dir={tmp_path}"]
+    launch = [CLUSTER, "run", "h1", str(LAUNCH / "horovodrun_gpu.sh"), "--gloo"]
+    proc = subprocess.Popen(launch + ["-H", "h1:1,h2:1", "--network-interface", "eth0", "--",
+                                      *run], cwd=REPO,
+                            env=job_env(**_env(cluster)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "checkpoints" / "epoch-000001").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.1)
+        time.sleep(0.5)  # into epoch 2
+        _cluster(cluster, "kill", "h2")
+        t0 = time.monotonic()
+        out, _ = proc.communicate(timeout=90)
+        seconds = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        _cluster(cluster, "revive", "h2")
+    assert proc.returncode != 0, out[-3000:]
+    assert seconds < 60, (seconds, out[-3000:])
+    # horovodrun names the lost rank (its ssh to h2 ended), rank 0 says what happened and
+    # which checkpoint to resume from (Gloo's collectives time out after 30 s)
+    assert re.search(r"Process 1 exit with status code 255", out), out[-3000:]
+    assert re.search(r"another rank failed or stopped responding.*Continue from", out), \
+        out[-3000:]
+
+    # one host left: horovodrun runs it locally (over loopback, not eth0)
+    run_job(launch + ["-H", "h1:1", "--", *run, "--resume"], timeout=600, **_env(cluster))
+    summary = _summary(tmp_path)
+    assert summary["resumed_from_epoch"] in (1, 2) and summary["epochs_done"] == 3
+    assert [r["host"] for r in summary["ranks"]] == ["h1"]

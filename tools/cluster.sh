@@ -7,6 +7,7 @@
 #   tools/cluster.sh up N [none|10gbe|1gbe]   start h1..hN (links unshaped by default)
 #   tools/cluster.sh run HOST CMD...          run CMD on HOST (its network and hostname)
 #   tools/cluster.sh kill HOST                kill every process on HOST, take its link down
+#   tools/cluster.sh revive HOST              bring a killed HOST back (link up, sshd)
 #   tools/cluster.sh status                   hosts, addresses, links, sshd pids
 #   tools/cluster.sh down                     stop everything, leave nothing behind
 #
@@ -105,8 +106,7 @@ EOF
         ip -n "$h" link set lo up
         shape "$h" "$link"
         echo "$h,$NET.$i $(cut -d' ' -f1,2 "$DIR/host_key.pub")" >> "$DIR/known_hosts"
-        run "$h" /usr/sbin/sshd -f "$DIR/sshd_config" -o "ListenAddress=$NET.$i" \
-            -o "PidFile=$DIR/$h.sshd.pid"
+        start_sshd "$h"
     done
     echo "$link" > "$DIR/link"
     for i in $(seq 1 "$n"); do  # every host reaches every other one by name
@@ -138,6 +138,19 @@ kill_host() {  # every process on HOST killed, its link down: the host is gone
     [[ -n $pids ]] && kill -9 $pids 2>/dev/null || true
 }
 
+start_sshd() {  # start_sshd HOST
+    local h=$1 i=${1#h}
+    run "$h" /usr/sbin/sshd -f "$DIR/sshd_config" -o "ListenAddress=$NET.$i" \
+        -o "PidFile=$DIR/$h.sshd.pid"
+}
+
+revive() {
+    local h=${1:-}
+    hosts | grep -qx "$h" || die "revive: no host '$h'"
+    ip -n "$SWITCH" link set "$h" up
+    ip netns pids "$h" | grep -q . || start_sshd "$h"
+}
+
 status() {
     [[ -d $DIR ]] || { echo "no cluster ($DIR does not exist)"; return 0; }
     echo "links: $(cat "$DIR/link" 2>/dev/null)"
@@ -166,7 +179,8 @@ case ${1:-} in
     up) shift; up "$@" ;;
     run) shift; run "$@" ;;
     kill) shift; kill_host "$@" ;;
+    revive) shift; revive "$@" ;;
     status) status ;;
     down) down ;;
-    *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac
