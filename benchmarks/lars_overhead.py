@@ -54,11 +54,21 @@ def main(argv):
     # Model Garden's LARS is a tf_keras (Keras 2) optimizer from TF 2.16 on: it updates the
     # tf.Variables behind the Keras 3 variables (the same storage)
     plain = keras_compat.plain_variables(variables)
+    def make_step(opt, targets):
+        # built eagerly (Keras 3; Model Garden's legacy optimizer makes its slots on the
+        # first call), and the variables closed over: a tf.function's arguments would be
+        # traced as tensors, which Keras 3 cannot build slots for
+        if hasattr(opt, "build"):
+            opt.build(targets)
+
+        @tf.function
+        def step():
+            opt.apply_gradients(zip(grads, targets))
+        return step
+
     steps = {}
     for name, opt in optimizers.items():
-        def step(opt=opt, targets=plain if name == mg else variables):
-            opt.apply_gradients(zip(grads, targets))
-        steps[name] = tf.function(step)
+        steps[name] = make_step(opt, plain if name == mg else variables)
         for _ in range(3):  # trace and warm up
             steps[name]()
     times = {name: [] for name in optimizers}
