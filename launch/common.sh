@@ -277,7 +277,35 @@ check_np() {  # check_np NP LIST: the hosts must offer at least NP slots
 }
 
 # ---- start ---------------------------------------------------------------------------
-show_and_run() {  # show_and_run CMD...: --dry-run prints, otherwise exec
+remote_hosts() {  # remote_hosts LIST: the hosts that are not this one, a line each
+    local h items
+    IFS=',' read -r -a items <<< "$(host_names "$1")"
+    for h in "${items[@]}"; do
+        case "$h" in localhost|127.*|"$(hostname)"|"$(hostname -s)") ;; *) echo "$h" ;; esac
+    done
+}
+
+name_lost_hosts() {  # name_lost_hosts HOST...: say which hosts no longer answer ssh (5 s)
+    local h i lost=() pids=()
+    for h in "$@"; do
+        ssh -o BatchMode=yes -o ConnectTimeout=5 "$h" true >/dev/null 2>&1 &
+        pids+=($!)
+    done
+    i=0
+    for h in "$@"; do
+        wait "${pids[$i]}" || lost+=("$h")
+        i=$((i + 1))
+    done
+    if (( ${#lost[@]} )); then
+        echo "[launch] the job failed and these hosts no longer answer ssh: ${lost[*]}" \
+             "(lost: the ranks on them ended the job; resume on the others with --resume)" >&2
+    fi
+}
+
+show_and_run() {  # show_and_run CMD...: --dry-run prints, otherwise runs it
+    # With REMOTE_HOSTS set (a multi-host job), a failed job is followed by an ssh probe
+    # that names the hosts that are gone: under Gloo a host lost without a word (power,
+    # network) only shows as a collective timeout on the ranks left.
     local v
     if [[ "$DRY_RUN" == 1 ]]; then
         echo "# environment"
@@ -291,5 +319,15 @@ show_and_run() {  # show_and_run CMD...: --dry-run prints, otherwise exec
     fi
     for v in "${LT_VARS[@]}"; do printf '[launch] %s=%s\n' "$v" "${!v}" >&2; done
     printf '[launch] %s\n' "$*" >&2
-    exec "$@"
+    [[ -z "${REMOTE_HOSTS:-}" ]] && exec "$@"
+    local child rc=0
+    "$@" &
+    child=$!
+    trap 'kill -TERM "$child" 2>/dev/null' TERM INT HUP
+    wait "$child" || rc=$?
+    while kill -0 "$child" 2>/dev/null; do wait "$child" || rc=$?; done  # after a signal
+    trap - TERM INT HUP
+    # shellcheck disable=SC2086
+    (( rc == 0 )) || name_lost_hosts $REMOTE_HOSTS
+    exit "$rc"
 }

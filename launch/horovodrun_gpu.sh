@@ -73,4 +73,5 @@ CMD=(horovodrun "$CONTROLLER" -np "$NP" -H "$HOSTS")
 # horovodrun 0.28.1 passes Open MPI <= 4's single-dash "-bind-to none -map-by slot", which
 # Open MPI 5's mpirun rejects; give the binding in a form both accept.
 [[ "$CONTROLLER" == --mpi ]] && CMD+=(--binding-args "--bind-to none")
+REMOTE_HOSTS="$(remote_hosts "$HOSTS")"
 show_and_run "${CMD[@]}" "${PROGRAM[@]}"

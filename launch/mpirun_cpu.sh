@@ -113,4 +113,5 @@ elif [[ "$VERSION" == *HYDRA* || "$VERSION" == *"Intel(R) MPI"* ]]; then
 else
     die "--mpirun=$MPIRUN: cannot tell which MPI this is (want Open MPI, MPICH or Intel MPI); its --version says: ${VERSION:-nothing}"
 fi
+REMOTE_HOSTS="$(remote_hosts "$HOSTS")"
 show_and_run "${CMD[@]}" "${PROGRAM[@]}"
