@@ -48,7 +48,7 @@ flags.DEFINE_integer("label_offset", _D.label_offset,
 flags.DEFINE_integer("train_examples", _D.train_examples,
                      "imagenet: training examples (0: count the records; 1281167 for "
                      "ImageNet-1k); synthetic: examples per epoch (0: 10 global batches); "
-                     "fashion_mnist: train on the first N (0: all 60000).")
+                     "fashion_mnist: train on the first N (0, or 60000 and more: all).")
 flags.DEFINE_integer("shuffle_buffer", _D.shuffle_buffer, "imagenet: shuffle buffer per rank.")
 flags.DEFINE_bool("cache", _D.cache, "imagenet: keep this rank's parsed records in memory.")
 flags.DEFINE_bool("strict_data", _D.strict_data,

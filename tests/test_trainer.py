@@ -106,7 +106,6 @@ def _cli(*flags):
     (["--stop_after_epoch=40", "--epochs=30"], "--stop_after_epoch=40"),
     (["--backward_passes_per_step=0"], "--backward_passes_per_step=0"),
     (["--data_dir=/nonexistent/fashion"], "--data_dir='/nonexistent/fashion'"),
-    (["--train_examples=60001"], "--train_examples=60001: fashion_mnist has 60000"),
     (["--preset=resnet50-1k"], "--preset"),
     (["--zero_init_residual"], "--zero_init_residual: --model=small_cnn does not take it"),
     (["--warmup_start_learning_rate=5", "--learning_rate=3"], "--warmup_start_learning_rate=5"),
