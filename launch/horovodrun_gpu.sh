@@ -24,6 +24,9 @@ Hosts:
 
 $TUNING_HELP
 
+A job on several hosts that fails is followed by an ssh check (5 s) that names the hosts
+no longer answering (a host lost without a word shows only as a timeout on the others).
+
 Examples:
   $(basename "$0") -H node1:8,node2:8 --preset infiniband -- --model=resnet50 \\
       --dataset=imagenet --data_dir=/data/imagenet --global_batch_size=16384 ...

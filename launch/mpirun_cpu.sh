@@ -26,6 +26,9 @@ Hosts and placement:
 
 $TUNING_HELP
 
+A job on several hosts that fails is followed by an ssh check (5 s) that names the hosts
+no longer answering (a host lost without a word shows only as a timeout on the others).
+
 Examples:
   $(basename "$0") --hostfile hosts.txt --ranks-per-socket 1 -- --model=alexnet_bn \\
       --dataset=imagenet --data_dir=/data/imagenet --global_batch_size=8192 ...
