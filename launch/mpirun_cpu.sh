@@ -19,7 +19,7 @@ Hosts and placement:
   --ranks-per-socket N       N ranks on every socket (default: 1 per socket)
   --cores-per-node N         physical cores per node (default: this node's)
   --sockets-per-node N       sockets per node (default: this node's)
-  --inter-op-threads N       TensorFlow inter-op threads per rank (default: 2)
+  --inter-op-threads N       TensorFlow inter-op threads per rank (default: lars-train's, 2; 1 with --deterministic)
   --network-interface NIC    the interface between nodes (MPI's TCP transport)
   --mpirun PATH              the mpirun to use (default: mpirun on PATH: the venv's Open
                              MPI, or a system Open MPI / MPICH / Intel MPI)
@@ -36,7 +36,7 @@ Examples:
 EOF
 }
 
-HOST_ARGS="" HOSTFILE="" RPN="" RPS="" CORES="" SOCKETS="" INTER=2 NIC="" MPIRUN=mpirun
+HOST_ARGS="" HOSTFILE="" RPN="" RPS="" CORES="" SOCKETS="" INTER="" NIC="" MPIRUN=mpirun
 LAUNCHER_OPTIONS=(
     "-H|--hosts HOST_ARGS value"
     "--hostfile HOSTFILE value"
@@ -89,7 +89,9 @@ NP="$(total_slots "$HOSTS")"
 
 setvar OMP_NUM_THREADS "$PE"
 if is_lars_train; then
-    PROGRAM+=(--intra_op_threads="$PE" --inter_op_threads="$INTER")
+    PROGRAM+=(--intra_op_threads="$PE")
+    # unset, lars-train picks (2; 1 with --deterministic, whose runs repeat only then)
+    [[ -n "$INTER" ]] && PROGRAM+=(--inter_op_threads="$INTER")
 fi
 
 VERSION="$("$MPIRUN" --version 2>&1 | head -3 || true)"

@@ -113,8 +113,7 @@ def test_slurm_launcher_reads_the_allocation(tmp_path):
     env_lines, command = dry_run("slurm.sbatch", "--", "--model=resnet50", **env)
     assert command.startswith("srun --mpi=pmix --ntasks=4 --ntasks-per-node=2 "
                               "--cpus-per-task=4 --cpu-bind=cores --kill-on-bad-exit=1")
-    assert command.endswith("lars-train --model=resnet50 --intra_op_threads=4 "
-                            "--inter_op_threads=2")
+    assert command.endswith("lars-train --model=resnet50 --intra_op_threads=4")
     assert "export OMP_NUM_THREADS=4  # launcher" in env_lines
     _, command = dry_run("slurm.sbatch", "--launcher", "mpirun", "--", "python", "mine.py",
                          **env)
