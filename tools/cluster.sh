@@ -56,7 +56,7 @@ up() {
         ip netns list | grep -qw "h$i" && die "a network namespace h$i exists already (not ours: $DIR is missing)"
     done
     mkdir -p "$DIR/bin" /run/sshd
-    trap 'down >/dev/null 2>&1 || true' ERR
+    trap 'down >/dev/null 2>&1 || true' EXIT  # a failure (die, too) leaves nothing
     ssh-keygen -q -t ed25519 -N "" -C lars_tf-cluster -f "$DIR/client_key"
     ssh-keygen -q -t ed25519 -N "" -C lars_tf-cluster-host -f "$DIR/host_key"
     cp "$DIR/client_key.pub" "$DIR/authorized_keys"
@@ -117,7 +117,7 @@ EOF
             sleep 0.1
         done
     done
-    trap - ERR
+    trap - EXIT
     echo "cluster up: $(hosts | tr '\n' ' ')(links: $link; folder $DIR)"
 }
 
