@@ -167,8 +167,8 @@ def run_with_exit_codes(config, fit) -> None:
         logging.error("%s", e)
         sys.exit(2)
     except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
-        if _HOROVOD_DOWN in e.message:
-            _lost_a_rank(config)
+        if lost_a_rank(e.message):
+            _report_lost_rank(config)
         # --strict_data (a corrupt JPEG or truncated shard), or a label out of range
         logging.error("bad input data: %s", e.message.splitlines()[0][:2000])
         sys.exit(3)
@@ -176,15 +176,20 @@ def run_with_exit_codes(config, fit) -> None:
         logging.error("%s", e)
         sys.exit(4)
     except tf.errors.OpError as e:
-        if _HOROVOD_DOWN in e.message:
-            _lost_a_rank(config)
+        if lost_a_rank(e.message):
+            _report_lost_rank(config)
         raise
 
 
-_HOROVOD_DOWN = "Horovod has been shut down"
+def lost_a_rank(message: str) -> bool:
+    """Whether a failed op's ``message`` says a peer rank is gone: Horovod shut down (a rank
+    exited, or its stall check gave up), or Gloo's transport to a peer broke or timed out (a
+    host that vanished: its collectives time out on the survivors before Horovod notices;
+    Gloo's errors carry the path of its ``transport`` sources)."""
+    return "Horovod has been shut down" in message or "gloo/transport/" in message
 
 
-def _lost_a_rank(config) -> None:
+def _report_lost_rank(config) -> None:
     """A collective failed because another rank died, raised, or stalled past the
     launcher's HOROVOD_STALL_SHUTDOWN_TIME_SECONDS: say so, and how to continue."""
     from lars_tf import checkpoint

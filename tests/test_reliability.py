@@ -178,6 +178,44 @@ def test_frozen_rank_is_ended_by_the_watchdog(tmp_path):
     assert "Process 0 exit with status code 6" in out
 
 
+# what rank 0 raised in CI when its peer's host vanished: Gloo timed out before Horovod shut down
+GLOO_TIMEOUT = ("[/tmp/hvdsrc/t/horovod-0.28.1/third_party/compatible17_gloo/gloo/transport/tcp/"
+                "unbound_buffer.cc:81] Timed out waiting 30000ms for recv operation to complete\n"
+                "\t [[{{node HorovodGroupedAllreduce_gradient_tape_mlp_1_fc1_1_MatMul_MatMul_0}}]]")
+
+
+@pytest.mark.parametrize("error, code, says", [
+    ("UnknownError", 5, "another rank failed or stopped responding"),
+    ("UnknownError-shutdown", 5, "another rank failed or stopped responding"),
+    ("InvalidArgumentError", 3, "bad input data"),
+])
+def test_a_failed_collective_is_reported_as_a_lost_rank_with_where_to_resume(
+        error, code, says, model_dir_with_checkpoints, caplog):
+    import types
+
+    import tensorflow as tf
+
+    from lars_tf.cli import run_with_exit_codes
+
+    message = {"UnknownError": GLOO_TIMEOUT,
+               "UnknownError-shutdown": "Horovod has been shut down. This was caused by an "
+                                        "exception on one of the ranks or an attempt to ...",
+               "InvalidArgumentError": "label 12 is outside [0, 10) in record 7"}[error]
+    kind = getattr(tf.errors, error.split("-")[0])
+
+    def fit():
+        raise kind(None, None, message)
+
+    config = types.SimpleNamespace(model_dir=str(model_dir_with_checkpoints))
+    with pytest.raises(SystemExit) as exit_:
+        run_with_exit_codes(config, fit)
+    assert exit_.value.code == code
+    assert says in caplog.text
+    if code == 5:
+        assert (f"Continue from {model_dir_with_checkpoints}/checkpoints/epoch-000002 (epoch 2) "
+                f"with --resume --model_dir={model_dir_with_checkpoints}") in caplog.text
+
+
 def _tree_digest(path):
     digest = {}
     for dirpath, _, files in os.walk(path):
