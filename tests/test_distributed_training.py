@@ -24,7 +24,7 @@ FULL_STACK = ["model=mlp", "precision=mixed_float16", "fp16_allreduce=True",
 
 
 @pytest.mark.parametrize("kind, extra", [
-    ("gloo", []),
+    ("gloo", ["train_examples=30720"]),  # 30 updates of small_cnn
     ("gloo", ["model=mlp", "precision=mixed_bfloat16"]),
     ("mpirun", FULL_STACK),
 ], ids=["gloo-fp32", "gloo-bf16", "mpirun-fp16-accum"])
