@@ -47,7 +47,7 @@ test-legacy: setup
 # Model Garden (the LARS baseline) is installed here only, without its dependencies: the
 # benchmark loads just its lars.py (for TF 2.20 written against tf_keras, installed too).
 # matplotlib draws the plots. The large-batch study takes
-# about an hour on 2 cores.
+# about an hour on 2 cores, the all-reduce across hosts (root only) about as long.
 bench: setup
 	python -m pip install -q --no-deps -c $(CONSTRAINTS) tf-models-official \
 		$(if $(filter keras2,$(LARS_TF_STACK)),,tf-keras)
@@ -58,6 +58,8 @@ bench: setup
 	python -m benchmarks.stacks
 	python -m benchmarks.input_pipeline
 	python -m benchmarks.allreduce
+	@if [ "$$(id -u)" -eq 0 ]; then python -m benchmarks.cluster_allreduce; \
+	else echo "benchmarks.cluster_allreduce skipped: tools/cluster.sh needs root"; fi
 	python -m benchmarks.scaling
 	python -m benchmarks.large_batch
 

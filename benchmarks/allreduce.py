@@ -9,7 +9,8 @@ flags are the launchers' own): the default preset (single_node), and fusion thre
 ranks all-reduce the gradients of variables with ResNet-50 v1.5's 161 trainable shapes
 (25.6M floats), the gradient being a fixed random tensor per variable, the way the stack's
 distributed optimizer does (Keras 3: ``lars_tf.DistributedOptimizer``'s grouped
-all-reduce; Keras 2: ``hvd.DistributedGradientTape``, Horovod's own), and time:
+all-reduce; Keras 2: ``hvd.DistributedGradientTape``, Horovod's own), and time
+(``benchmarks/allreduce_worker.py``, shared with ``cluster_allreduce`` across hosts):
 
 - the step without Horovod (the gradient computation alone, subtracted below);
 - the step with the all-reduce, uncompressed (fp32) and with ``hvd.Compression.fp16``,
@@ -29,19 +30,17 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from absl import app, flags
 
-from benchmarks import common
+from benchmarks import allreduce_worker, common
 from lars_tf import testing
 
 flags.DEFINE_integer("rounds", 3, "Rounds over all settings.")
 flags.DEFINE_integer("steps", 20, "Timed steps per block.")
 flags.DEFINE_integer("blocks", 3, "Alternating fp32/fp16 blocks per job.")
-flags.DEFINE_string("worker", None, "Internal: time the all-reduce, rank 0 writes here.")
 flags.DEFINE_string("baseline", str(common.RESULTS.parent / "results" / "allreduce_keras2.json"),
                     "Raw JSON of an earlier run to compare each row with ('' for none).")
 common.define_output_flags("allreduce")
@@ -57,96 +56,17 @@ for _mb in (0, 64, 128):
 CONTROLLERS = ("gloo", "mpi")
 
 
-def worker(out: str) -> None:
-    import horovod.tensorflow as hvd
-    import numpy as np
-    import tensorflow as tf
-
-    from lars_tf import keras_compat, models
-
-    hvd.init()
-    shapes = [tuple(v.shape) for v in
-              models.get("resnet50", (224, 224, 3), 1000).trainable_variables]
-    tf.keras.backend.clear_session()
-    rng = np.random.default_rng(hvd.rank())
-    variables = [tf.Variable(tf.zeros(s)) for s in shapes]
-    grads = [tf.constant(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
-    n_floats = sum(int(np.prod(s)) for s in shapes)
-
-    def make_step(compression):
-        @tf.function
-        def step():
-            with tf.GradientTape() as tape:
-                loss = tf.add_n([tf.reduce_sum(v * g) for v, g in zip(variables, grads)])
-            if compression is not None and not keras_compat.KERAS3:
-                tape = hvd.DistributedGradientTape(
-                    tape, compression=getattr(hvd.Compression, compression))
-            out = tape.gradient(loss, variables)
-            if compression is not None and keras_compat.KERAS3:
-                out = allreducers[compression].allreduce(out)
-            return out
-        return step
-
-    if keras_compat.KERAS3:
-        import keras
-
-        import lars_tf
-
-        allreducers = {c: lars_tf.DistributedOptimizer(keras.optimizers.SGD(0.0), compression=c)
-                       for c in ("none", "fp16")}
-    steps = {"local": make_step(None), "fp32": make_step("none"), "fp16": make_step("fp16")}
-
-    def timed(fn):
-        for _ in range(3):
-            fn()
-        hvd.allreduce(tf.constant(0.0), name="sync")  # start the block together
-        out = []
-        for _ in range(FLAGS.steps):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-        return out
-
-    times = {k: [] for k in steps}
-    for _ in range(FLAGS.blocks):
-        for name, fn in steps.items():
-            times[name] += timed(fn)
-
-    # the same bytes copied locally, both ranks at once
-    src = np.ones(n_floats, np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    hvd.allreduce(tf.constant(0.0), name="sync_copy")
-    copies = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        copies.append(time.perf_counter() - t0)
-    peak = hvd.allgather_object(testing.peak_rss_mb(), name="rss")
-    if hvd.rank() == 0:
-        result = {k: statistics.median(v) for k, v in times.items()}
-        result.update(copy_sec=statistics.median(copies), bytes=4 * n_floats,
-                      tensors=len(shapes), size=hvd.size(), peak_rss_mb_per_rank=peak,
-                      fusion_threshold=os.environ.get("HOROVOD_FUSION_THRESHOLD"),
-                      cycle_time=os.environ.get("HOROVOD_CYCLE_TIME"))
-        Path(out).write_text(json.dumps(result))
-
-
 def run_job(controller: str, flags_: list[str], out: Path) -> dict:
     cmd = [str(testing.LAUNCH / "horovodrun_gpu.sh"), f"--{controller}", "--gpus-per-host",
-           "2", *flags_, "--", sys.executable, "-m", "benchmarks.allreduce", f"--worker={out}",
-           f"--steps={FLAGS.steps}", f"--blocks={FLAGS.blocks}"]
+           "2", *flags_, "--", *allreduce_worker.command(out, ["resnet50"], FLAGS.steps,
+                                                          FLAGS.blocks)]
     testing.run_job(cmd, timeout=3600)
-    return json.loads(out.read_text())
+    return json.loads(out.read_text())["resnet50"]
 
 
 def main(argv):
     del argv
-    if FLAGS.worker:
-        worker(FLAGS.worker)
-        return
     import tensorflow as tf
-
 
     out = Path(FLAGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)
