@@ -190,8 +190,8 @@ def lost_a_rank(message: str) -> bool:
 
 
 def _report_lost_rank(config) -> None:
-    """A collective failed because another rank died, raised, or stalled past the
-    launcher's HOROVOD_STALL_SHUTDOWN_TIME_SECONDS: say so, and how to continue."""
+    """A collective failed because another rank died, raised, stalled past the launcher's
+    HOROVOD_STALL_SHUTDOWN_TIME_SECONDS, or its host went away: say so, and how to continue."""
     from lars_tf import checkpoint
 
     latest = checkpoint.latest(config.model_dir) if config.model_dir else None
