@@ -1,6 +1,6 @@
 """Two real hosts on this machine (tools/cluster.sh: network namespaces h1, h2 with their own
-address, hostname and sshd): lars-train started across them by our launchers, and the
-fixture's clean-up. Needs root; CI runs as root."""
+address, hostname and sshd): lars-train started across them by our launchers and by Slurm,
+a host lost mid-run, and the fixture's clean-up. Needs root; CI runs as root."""
 
 import json
 import os
@@ -27,17 +27,16 @@ def _cluster(env, *args, check=True):
 
 
 def _leftovers(state_dir) -> list[str]:
-    """What a cluster could leave behind: namespaces, /etc/netns entries, its folder, its
-    sshd processes."""
+    """What a cluster could leave behind: namespaces, /etc/netns entries, its folder, the
+    processes it started (sshd, and Slurm's daemons)."""
     found = [f"netns {n}" for n in subprocess.run(
         ["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
         if n.startswith(("h", "lars-switch"))]
     found += [f"/etc/netns/{n}" for n in os.listdir("/etc/netns")] \
         if os.path.isdir("/etc/netns") else []
     found += [str(state_dir)] if os.path.exists(state_dir) else []
-    found += [f"sshd {line}" for line in subprocess.run(
-        ["pgrep", "-af", f"sshd -f {state_dir}"], capture_output=True,
-        text=True).stdout.splitlines()]
+    found += [f"process {line}" for line in subprocess.run(  # sshd, munged, slurmctld, slurmd
+        ["pgrep", "-af", str(state_dir)], capture_output=True, text=True).stdout.splitlines()]
     return found
 
 
@@ -151,6 +150,22 @@ def test_mpirun_launcher_binds_ranks_per_host_and_exports_its_settings(cluster, 
 
 def _env(cluster) -> dict:
     return {"LARS_TF_CLUSTER_DIR": cluster["LARS_TF_CLUSTER_DIR"]}
+
+
+def test_slurm_sbatch_runs_a_job_across_two_hosts(cluster, tmp_path):
+    """Slurm on the hosts (tools/cluster.sh slurm: munged, slurmctld on h1, slurmd on both):
+    `sbatch -N 2 launch/slurm.sbatch --launcher mpirun` trains with one rank on each node of
+    the allocation, each with the task's CPUs as its threads."""
+    _cluster(cluster, "slurm")
+    model_dir = tmp_path / "run"
+    run_job([CLUSTER, "run", "h1", "sbatch", "-N", "2", "--ntasks-per-node=1",
+             "--cpus-per-task=2", f"--output={tmp_path}/slurm-%j.out", "--wait",
+             str(LAUNCH / "slurm.sbatch"), "--launcher", "mpirun", "--",
+             f"--model_dir={model_dir}", *TRAIN], timeout=600, **_env(cluster))
+    ranks = _summary(model_dir)["ranks"]
+    assert [r["host"] for r in ranks] == ["h1", "h2"]
+    assert [r["env"]["OMP_NUM_THREADS"] for r in ranks] == ["2", "2"]
+    assert _summary(model_dir)["epochs_done"] == 1
 
 
 def test_a_lost_host_ends_the_job_and_the_hosts_left_resume(cluster, tmp_path):

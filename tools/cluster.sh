@@ -8,6 +8,7 @@
 #   tools/cluster.sh run HOST CMD...          run CMD on HOST (its network and hostname)
 #   tools/cluster.sh kill HOST                kill every process on HOST, take its link down
 #   tools/cluster.sh revive HOST              bring a killed HOST back (link up, sshd)
+#   tools/cluster.sh slurm                    start Slurm on the hosts (slurmctld on h1)
 #   tools/cluster.sh status                   hosts, addresses, links, sshd pids
 #   tools/cluster.sh down                     stop everything, leave nothing behind
 #
@@ -17,6 +18,9 @@
 # default /tmp/lars_tf_cluster); `ssh` on the PATH that `run` gives is a wrapper that uses the
 # cluster's ssh config, so horovodrun and mpirun reach the hosts by name (h1, h2, ...) and
 # nothing in ~/.ssh is read or changed. Needs root, iproute2 and Debian's openssh-server.
+# Slurm (Debian's slurm-wlm and munge): one partition "all" of every host, munged with a key
+# of the cluster's own, slurmctld on h1 and slurmd on every host, all inside the hosts (so
+# down stops them); `run` sets SLURM_CONF so that sbatch/srun/sinfo there use it.
 set -euo pipefail
 
 DIR=${LARS_TF_CLUSTER_DIR:-/tmp/lars_tf_cluster}
@@ -125,6 +129,7 @@ run() {  # run HOST CMD...: inside HOST's network namespace, with its hostname
     local h=${1:-}; shift || true
     [[ -n $h ]] && hosts | grep -qx "$h" || die "run: no host '$h' (hosts: $(hosts | tr '\n' ' '))"
     [[ $# -gt 0 ]] || die "run $h: give a command"
+    [[ -f $DIR/slurm/slurm.conf ]] && export SLURM_CONF=$DIR/slurm/slurm.conf
     PATH="$DIR/bin:$PATH" ip netns exec "$h" unshare --uts /bin/sh -c \
         'hostname "$0" && exec /usr/bin/env -u _ "$@"' "$h" "$@"
 }
@@ -149,6 +154,62 @@ revive() {
     hosts | grep -qx "$h" || die "revive: no host '$h'"
     ip -n "$SWITCH" link set "$h" up
     ip netns pids "$h" | grep -q . || start_sshd "$h"
+}
+
+slurm() {  # Slurm across the hosts: munged, slurmctld on h1, slurmd on every host
+    [[ -d $DIR ]] || die "slurm: no cluster (tools/cluster.sh up N first)"
+    [[ -x /usr/sbin/slurmctld && -x /usr/sbin/slurmd && -x /usr/sbin/munged ]] \
+        || die "slurm: needs Debian's slurm-wlm and munge (make setup installs them as root)"
+    [[ -e $DIR/slurm ]] && die "slurm: already started ($DIR/slurm exists)"
+    local d=$DIR/slurm h i cpus
+    cpus=$(nproc)
+    mkdir -p "$d/state" "$d/log" "$d/munge"
+    chmod 700 "$d/munge"
+    head -c 1024 /dev/urandom > "$d/munge/key"
+    chmod 400 "$d/munge/key"
+    {
+        echo "ClusterName=lars_tf"
+        echo "SlurmctldHost=h1($NET.1)"
+        echo "SlurmUser=root"
+        echo "AuthType=auth/munge"
+        echo "AuthInfo=socket=$d/munge/socket"
+        echo "CredType=cred/munge"
+        echo "StateSaveLocation=$d/state"
+        echo "SlurmdSpoolDir=$d/spool-%n"
+        echo "SlurmctldPidFile=$d/slurmctld.pid"
+        echo "SlurmdPidFile=$d/slurmd-%n.pid"
+        echo "SlurmctldLogFile=$d/log/slurmctld.log"
+        echo "SlurmdLogFile=$d/log/slurmd-%n.log"
+        # no cgroups of its own: processes are tracked by their parents, tasks not confined
+        echo "ProctrackType=proctrack/linuxproc"
+        echo "TaskPlugin=task/none"
+        echo "JobAcctGatherType=jobacct_gather/none"
+        echo "AccountingStorageType=accounting_storage/none"
+        echo "SelectType=select/cons_tres"
+        echo "SelectTypeParameters=CR_Core"
+        echo "MpiDefault=none"
+        echo "ReturnToService=2"
+        for h in $(hosts); do
+            i=${h#h}
+            echo "NodeName=$h NodeAddr=$NET.$i CPUs=$cpus State=UNKNOWN"
+            mkdir -p "$d/spool-$h"
+        done
+        echo "PartitionName=all Nodes=$(hosts | paste -sd,) Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES"
+    } > "$d/slurm.conf"
+    # slurmd initialises a cgroup plugin even with task/none: point it at the v1 hierarchy
+    printf 'CgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup\nCgroupAutomount=no\n' \
+        > "$d/cgroup.conf"
+    run h1 /usr/sbin/munged --key-file="$d/munge/key" --socket="$d/munge/socket" \
+        --pid-file="$d/munge/pid" --log-file="$d/munge/log" --seed-file="$d/munge/seed" -f
+    run h1 /usr/sbin/slurmctld -f "$d/slurm.conf"
+    for h in $(hosts); do run "$h" /usr/sbin/slurmd -f "$d/slurm.conf" -N "$h"; done
+    local t
+    for t in $(seq 1 100); do  # every node idle
+        [[ $(run h1 sinfo -h -o %t 2>/dev/null | tr -d ' \n') == idle ]] && break
+        [[ $t -eq 100 ]] && die "slurm: the nodes did not come up ($d/log)"
+        sleep 0.2
+    done
+    echo "slurm up: partition all = $(hosts | paste -sd,) (config $d/slurm.conf)"
 }
 
 status() {
@@ -180,7 +241,8 @@ case ${1:-} in
     run) shift; run "$@" ;;
     kill) shift; kill_host "$@" ;;
     revive) shift; revive "$@" ;;
+    slurm) slurm ;;
     status) status ;;
     down) down ;;
-    *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

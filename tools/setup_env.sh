@@ -81,9 +81,10 @@ fashion_mnist() {
 # As root it is installed without being started: a policy-rc.d that refuses every service
 # start keeps an sshd from coming up on this machine's own network during the install.
 cluster_tools() {
-    [[ -x /usr/sbin/sshd ]] && command -v ip >/dev/null && return
+    [[ -x /usr/sbin/sshd && -x /usr/sbin/slurmd && -x /usr/sbin/munged ]] \
+        && command -v ip >/dev/null && return
     if [[ "${LARS_TF_SKIP_APT:-0}" != 1 && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
-        say "installing Debian's openssh-server and iproute2 (the hosts of tools/cluster.sh; not started)"
+        say "installing Debian's openssh-server, slurm-wlm, munge and iproute2 (the hosts of tools/cluster.sh; not started)"
         local guard=""
         if [[ ! -e /usr/sbin/policy-rc.d ]]; then
             printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
@@ -91,14 +92,15 @@ cluster_tools() {
             guard=1
         fi
         local rc=0
+        local packages=(openssh-server slurm-wlm munge iproute2)
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-            openssh-server iproute2 >/dev/null 2>&1 || {
+            "${packages[@]}" >/dev/null 2>&1 || {
             apt-get update -q >/dev/null 2>&1 || true
             DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-                openssh-server iproute2 >/dev/null || rc=$?
+                "${packages[@]}" >/dev/null || rc=$?
         }
         [[ -n "$guard" ]] && rm -f /usr/sbin/policy-rc.d
-        [[ $rc -eq 0 ]] || die "apt-get install openssh-server iproute2 failed"
+        [[ $rc -eq 0 ]] || die "apt-get install ${packages[*]} failed"
     else
         say "no sshd: the multi-host tests (tests/test_cluster.py, root only) will not run"
     fi
