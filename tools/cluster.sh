@@ -196,8 +196,12 @@ slurm() {  # Slurm across the hosts: munged, slurmctld on h1, slurmd on every ho
         done
         echo "PartitionName=all Nodes=$(hosts | paste -sd,) Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES"
     } > "$d/slurm.conf"
-    # slurmd initialises a cgroup plugin even with task/none: point it at the v1 hierarchy
-    printf 'CgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup\nCgroupAutomount=no\n' \
+    # slurmd initialises a cgroup plugin even with task/none, and its autodetection fails on
+    # a v1 hierarchy under a tmpfs (as here): name v1 then; on a cgroup2 machine (untested)
+    # let it detect
+    local plugin=cgroup/v1
+    [[ $(stat -fc %T /sys/fs/cgroup 2>/dev/null) == cgroup2fs ]] && plugin=autodetect
+    printf 'CgroupPlugin=%s\nCgroupMountpoint=/sys/fs/cgroup\nCgroupAutomount=no\n' "$plugin" \
         > "$d/cgroup.conf"
     run h1 /usr/sbin/munged --key-file="$d/munge/key" --socket="$d/munge/socket" \
         --pid-file="$d/munge/pid" --log-file="$d/munge/log" --seed-file="$d/munge/seed" -f
