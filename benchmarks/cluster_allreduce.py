@@ -221,15 +221,12 @@ def rows(raw: dict) -> list[dict]:
         link, p, jobs = run["link"], run["hosts"], run["jobs"]
         rate = RATE_BITS[link] / 8
         for model in raw["models"]:
-            def sec(key, precision, model=model, jobs=jobs):
-                return _sec(jobs[key], model, precision)
-
             n_bytes = next(iter(jobs.values()))[0][model]["bytes"]
             bound = 2 * (p - 1) / p * n_bytes / rate
-            mpi4py = sec("mpi4py|Allreduce", "fp32")
+            mpi4py = _sec(jobs["mpi4py|Allreduce"], model, "fp32")
             for key, results in jobs.items():
                 controller, label = key.split("|")
-                fp32 = sec(key, "fp32")
+                fp32 = _sec(results, model, "fp32")
                 first = results[0][model]
                 if label.startswith("preset") and first.get("fusion_threshold"):
                     # what the preset held when measured (presets change with these numbers)
@@ -241,8 +238,8 @@ def rows(raw: dict) -> list[dict]:
                        "peak_rss_mb": max(max(r[model]["peak_rss_mb_per_rank"])
                                           for r in results)}
                 if controller != "mpi4py":
-                    row["fp16"] = sec(key, "fp16")
-                    row["off"] = sec(f"{controller}|{OFF}", "fp32")
+                    row["fp16"] = _sec(results, model, "fp16")
+                    row["off"] = _sec(jobs[f"{controller}|{OFF}"], model, "fp32")
                 out.append(row)
     return out
 
