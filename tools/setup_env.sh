@@ -102,7 +102,7 @@ cluster_tools() {
         [[ -n "$guard" ]] && rm -f /usr/sbin/policy-rc.d
         [[ $rc -eq 0 ]] || die "apt-get install ${packages[*]} failed"
     else
-        say "no sshd: the multi-host tests (tests/test_cluster.py, root only) will not run"
+        say "not installing openssh-server, slurm-wlm and munge (needs root and apt): the multi-host tests (tests/test_cluster.py, root only) need them"
     fi
 }
 
