@@ -12,6 +12,11 @@ flags.DEFINE_enum("split", "train", ["train", "validation"], "Which split the sh
 flags.DEFINE_integer("num_shards", 8, "Shard files to write.")
 flags.DEFINE_integer("workers", 0, "Worker processes (0: one per core).")
 flags.DEFINE_integer("seed", 0, "Seed of the shuffle that spreads classes over shards.")
+flags.DEFINE_bool("verify", False,
+                  "Convert nothing: check every shard in --output_dir against the index "
+                  "lars-convert wrote beside it (size and sha256, reading every byte), e.g. "
+                  "after copying shards to a cluster. Exit status 1 names each shard that "
+                  "does not match.")
 FLAGS = flags.FLAGS
 
 
@@ -27,6 +32,9 @@ def _bar(done: int, total: int) -> None:
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.verify:
+        _verify()
+        return
     for name in ("input_dir", "output_dir"):
         if not getattr(FLAGS, name):
             logging.error("--%s is required", name)
@@ -47,6 +55,26 @@ def _main(argv):
     if report.skipped:
         logging.warning("%d unreadable images skipped; listed in %s/report-%s.json",
                         len(report.skipped), FLAGS.output_dir, FLAGS.split)
+
+
+def _verify():
+    if not FLAGS.output_dir:
+        logging.error("--verify needs --output_dir (the folder of shards to check)")
+        sys.exit(2)
+    from lars_tf.data.convert import verify
+
+    try:
+        problems = verify(FLAGS.output_dir)
+    except FileNotFoundError as e:
+        logging.error("%s", e)
+        sys.exit(2)
+    for shard, why in problems:
+        logging.error("%s: %s", shard, why)
+    if problems:
+        logging.error("%d shards do not match their index: convert them again, or copy "
+                      "them again from the originals", len(problems))
+        sys.exit(1)
+    logging.info("every shard in %s matches its index", FLAGS.output_dir)
 
 
 def main():

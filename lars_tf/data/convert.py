@@ -6,7 +6,9 @@ missing from the validation folder shifts nothing (a folder that is not a train 
 an error). A JPEG that is whole is
 stored as it is; another image format TensorFlow can decode (PNG, GIF, BMP) is re-encoded as
 JPEG; a file that cannot be decoded is skipped and listed in the report. Shards are written
-in parallel worker processes, each to a temporary name renamed when complete.
+in parallel worker processes, each to a temporary name renamed when complete, and each
+gets an index beside it (``shard_index``: record count, label range, sha256) that tells
+training every image in it was decoded here, so training need not check them again.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def _write_shard(job) -> dict:
     path, items, classes = job
     import tensorflow as tf
 
+    from lars_tf.data import shard_index
     from lars_tf.data.imagenet import clean_message
     from lars_tf.data.preprocessing import is_valid_jpeg
 
@@ -90,6 +93,7 @@ def _write_shard(job) -> dict:
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
 
     done = {"written": 0, "reencoded": [], "skipped": []}
+    labels = []
     tmp = path + ".tmp"
     with tf.io.TFRecordWriter(tmp) as writer:
         for file, label in items:
@@ -115,7 +119,10 @@ def _write_shard(job) -> dict:
             }))
             writer.write(example.SerializeToString())
             done["written"] += 1
+            labels.append(label)
+    shard_index.remove(path)  # an old index must never describe the new shard
     os.replace(tmp, path)
+    shard_index.write(path, done["written"], labels)
     return done
 
 
@@ -154,3 +161,21 @@ def convert(input_dir: str, output_dir: str, split: str = "train", num_shards: i
     with open(os.path.join(output_dir, f"report-{split}.json"), "w") as f:
         json.dump(report.__dict__, f, indent=1)
     return report
+
+
+def verify(output_dir: str) -> list[tuple[str, str]]:
+    """Check every shard in ``output_dir`` against its index (size and sha256; reads every
+    byte once, e.g. after copying the shards to a cluster's disks): ``[(shard, problem)]``,
+    empty when all match. A shard without an index is a problem too."""
+    from lars_tf.data import imagenet, shard_index
+
+    files = []
+    for split in ("train", "validation"):
+        try:
+            files += imagenet.split_files(output_dir, split)
+        except FileNotFoundError:
+            pass
+    if not files:
+        raise FileNotFoundError(f"--output_dir={output_dir!r} has no train or validation "
+                                "shards to verify")
+    return [(f, why) for f in files if (why := shard_index.verify(f))]
