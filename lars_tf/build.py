@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from lars_tf import distributed, models
 from lars_tf.config import TrainConfig
+from lars_tf.data import preprocessing
 from lars_tf.optimizers import LARS
 from lars_tf.schedules import WarmupPolynomialDecay
 
@@ -102,3 +103,24 @@ def num_classes(model: tf.keras.Model, input_shape) -> int:
     if getattr(model, "outputs", None):
         return int(model.outputs[0].shape[-1])
     return int(model(tf.zeros((1, *input_shape)), training=False).shape[-1])
+
+
+class NormalizePixels(tf.keras.layers.Layer):
+    """uint8 pixels -> images normalised as ``preprocessing.normalize`` does, in the
+    layer's compute dtype (cast after the float32 arithmetic): the first layer of a model
+    fed by ``--normalize_on_device``, so the host sends bytes and the accelerator does the
+    arithmetic."""
+
+    def call(self, images):
+        x = tf.cast(images, tf.float32)
+        inv_std = tf.constant([1.0 / s for s in preprocessing.IMAGENET_STD], tf.float32)
+        return tf.cast((x - tf.constant(preprocessing.IMAGENET_MEAN, tf.float32)) * inv_std,
+                       self.compute_dtype)
+
+
+def with_pixel_normalization(model: tf.keras.Model, input_shape) -> tf.keras.Model:
+    """``model`` behind a ``NormalizePixels`` layer: takes uint8 images of ``input_shape``.
+    The wrapper adds no variables (a checkpoint of ``model`` is unchanged)."""
+    inputs = tf.keras.Input(tuple(input_shape), dtype="uint8", name="pixels")
+    return tf.keras.Model(inputs, model(NormalizePixels(name="normalize_pixels")(inputs)),
+                          name=f"{model.name}_on_pixels")

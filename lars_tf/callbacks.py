@@ -352,9 +352,12 @@ class LogEpoch(tf.keras.callbacks.Callback):
 class SaveCheckpoints(tf.keras.callbacks.Callback):
     """Rank 0: an atomic checkpoint every N epochs and at the last epoch of this run."""
 
-    def __init__(self, config: TrainConfig, optimizer, history: list, tta, t_begin: float,
-                 end_epoch: int):
+    def __init__(self, config: TrainConfig, model, optimizer, history: list, tta,
+                 t_begin: float, end_epoch: int):
         super().__init__()
+        # the Trainer's model: Keras' self.model is what fit runs, which with
+        # --normalize_on_device wraps it
+        self.saved_model = model
         self.config, self.optimizer, self.history = config, optimizer, history
         self.tta, self.t_begin, self.end_epoch = tta, t_begin, end_epoch
 
@@ -366,6 +369,7 @@ class SaveCheckpoints(tf.keras.callbacks.Callback):
                 "elapsed_sec": time.time() - self.t_begin,
                 "time_to_accuracy": self.tta.result,
                 "step": int(self.optimizer.iterations.numpy())}
-        path = checkpoint.save(self.config.model_dir, done, self.model, self.optimizer, meta,
+        path = checkpoint.save(self.config.model_dir, done, self.saved_model, self.optimizer,
+                               meta,
                                keep=self.config.keep_checkpoints)
         logging.info("checkpoint %s", path)

@@ -51,6 +51,10 @@ flags.DEFINE_integer("train_examples", _D.train_examples,
                      "fashion_mnist: train on the first N (0, or 60000 and more: all).")
 flags.DEFINE_integer("shuffle_buffer", _D.shuffle_buffer, "imagenet: shuffle buffer per rank.")
 flags.DEFINE_bool("cache", _D.cache, "imagenet: keep this rank's parsed records in memory.")
+flags.DEFINE_bool("normalize_on_device", _D.normalize_on_device,
+                  "imagenet, tfds: the pipeline emits uint8 pixels (4x fewer bytes than "
+                  "float32 to the accelerator) and the model's first layer normalises them "
+                  "and casts them to the compute dtype.")
 flags.DEFINE_bool("strict_data", _D.strict_data,
                   "A corrupt JPEG stops the run (default: skipped, counted and named).")
 flags.DEFINE_integer("global_batch_size", _D.global_batch_size,

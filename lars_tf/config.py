@@ -42,6 +42,7 @@ class TrainConfig:
     shuffle_buffer: int = 10000
     cache: bool = False
     strict_data: bool = False
+    normalize_on_device: bool = False
     global_batch_size: int = 4096
     epochs: int = 30
     optimizer: str = "lars"
@@ -103,6 +104,9 @@ class TrainConfig:
         if self.target_accuracy > 1.0:
             raise ValueError(f"--target_accuracy={self.target_accuracy}: must be in [0, 1] "
                              "(a fraction, e.g. 0.9)")
+        if self.normalize_on_device and self.dataset in ("fashion_mnist", "synthetic"):
+            raise ValueError(f"--normalize_on_device: --dataset={self.dataset} is not decoded "
+                             "from JPEGs (it applies to imagenet and tfds:NAME)")
         if self.resume and not self.model_dir:
             raise ValueError("--resume needs --model_dir (where the checkpoints are)")
         if self.optimizer not in OPTIMIZERS:

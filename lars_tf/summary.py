@@ -139,8 +139,8 @@ class ChiefOutputs(RunOutputs):
         out = [cb.LogEpoch(trainer.history)]
         if config.model_dir:
             if config.checkpoint_every:
-                out.append(cb.SaveCheckpoints(config, optimizer, trainer.history, tta,
-                                              t_begin, end_epoch))
+                out.append(cb.SaveCheckpoints(config, trainer.model, optimizer,
+                                              trainer.history, tta, t_begin, end_epoch))
             out.append(tf.keras.callbacks.TensorBoard(
                 os.path.join(config.model_dir, "tensorboard"), update_freq="epoch",
                 profile_batch=0, write_graph=False))

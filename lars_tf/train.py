@@ -69,7 +69,11 @@ class Trainer:
         model = self.model
         num_classes = build.num_classes(model, datasets.input_shape)
         optimizer = build.build_optimizer(config, datasets.steps_per_epoch)
-        model.compile(
+        # uint8 pixels (--normalize_on_device): fit and evaluate the model behind its
+        # normalisation layer; checkpoints and broadcasts stay those of the model itself
+        fitted = (build.with_pixel_normalization(model, datasets.input_shape)
+                  if datasets.uint8_pixels else model)
+        fitted.compile(
             optimizer=optimizer,
             **keras_compat.compile_options(),
             loss=build.build_loss(num_classes, config.label_smoothing),
@@ -119,7 +123,7 @@ class Trainer:
             *outputs.callbacks(self, optimizer, tta, t_start - elapsed_before, end_epoch),
         ]
         if start_epoch < end_epoch:
-            model.fit(
+            fitted.fit(
                 datasets.train,
                 initial_epoch=start_epoch,
                 epochs=end_epoch,

@@ -101,6 +101,7 @@ def _cli(*flags):
     (["--dataset=imagenet"], "--dataset=imagenet needs --data_dir"),
     (["--dataset=imagenet", "--data_dir=/tmp"], "has no train shards (train-*-of-*)"),
     (["--resume"], "--resume needs --model_dir"),
+    (["--normalize_on_device"], "--normalize_on_device: --dataset=fashion_mnist"),
     (["--precision=fp8"], "--precision"),
     (["--target_accuracy=90"], "--target_accuracy=90"),
     (["--stop_after_epoch=40", "--epochs=30"], "--stop_after_epoch=40"),
