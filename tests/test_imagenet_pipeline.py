@@ -219,11 +219,33 @@ def test_bad_data_dirs_and_labels_fail_before_training(shards, tmp_path):
         data_lib.build(_config(tmp_path / "missing"), 0, 1)
     with pytest.raises(FileNotFoundError, match=r"no train shards \(train-\*-of-\*\)"):
         data_lib.build(_config(tmp_path), 0, 1)
-    with pytest.raises(ValueError, match=r"record \d+ has label \d, which with "
-                                         r"--label_offset=0 is outside \[0, --num_classes=2\)"):
+    # converted shards: from the label range in their index, naming the shard
+    with pytest.raises(ValueError, match=r"train-0000\d-of-00004: its labels run from 0 to 2 "
+                                         r".*--label_offset=0 is not within "
+                                         r"\[0, --num_classes=2\)"):
         data_lib.build(_config(shards, num_classes=2), 0, 1)
     with pytest.raises(ValueError, match="--label_offset=1"):
         data_lib.build(_config(shards, label_offset=1), 0, 1)
+
+
+def test_uint8_pixels_normalised_in_the_model_match_the_float_pipeline(shards):
+    """--normalize_on_device: the pipeline's uint8 eval crops through the model's first
+    layer (NormalizePixels) equal the float32 pipeline's, up to the rounding to uint8."""
+    from lars_tf import build
+
+    floats = _eval_images(data_lib.build(_config(shards), 0, 1))
+    d = data_lib.build(_config(shards, normalize_on_device=True), 0, 1)
+    assert d.uint8_pixels and next(iter(d.train))[0].dtype == tf.uint8
+    pixels = np.concatenate([x.numpy() for x, _ in d.eval])
+    assert pixels.dtype == np.uint8 and pixels.shape == floats.shape
+    normalised = build.NormalizePixels()(pixels).numpy()
+    half_step = 0.5 / min(pre_std for pre_std in (0.229 * 255, 0.224 * 255, 0.225 * 255))
+    assert np.abs(normalised - floats).max() <= half_step + 1e-5
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        assert build.NormalizePixels()(pixels[:2]).dtype == tf.float16
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
 
 
 def test_synthetic_source():
@@ -236,12 +258,18 @@ def test_synthetic_source():
 
 
 def test_two_rank_training_run_on_converted_shards(shards, tmp_path):
-    run_job(launcher("gloo") + [
+    """Epoch 1 on uint8 pixels normalised in the model (--normalize_on_device), epoch 2
+    resumed from its checkpoint on float images: the checkpoints are the model's own."""
+    run = launcher("gloo") + [
         "lars-train", "--dataset=imagenet", f"--data_dir={shards}", "--image_size=32",
         "--num_classes=3", "--model=resnet20", "--global_batch_size=32", "--epochs=2",
         "--learning_rate=1.0", "--warmup_epochs=1", f"--model_dir={tmp_path}",
-        "--noprogress_bar"])
+        "--noprogress_bar"]
+    run_job(run + ["--normalize_on_device", "--stop_after_epoch=1"])
+    assert glob.glob(str(tmp_path / "checkpoints" / "epoch-000001"))
+    run_job(run + ["--resume"])
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [row["epoch"] for row in summary["history"]] == [1, 2]
     last = summary["history"][-1]
     assert last["test_examples"] == 3 * PER_CLASS + 6  # every validation image, once
     assert summary["steps_per_epoch"] == (3 * PER_CLASS + 6) // 2 // 16
@@ -451,3 +479,150 @@ def test_validation_split_takes_the_train_labels(shards, image_folder, tmp_path)
         convert(str(val), str(out), "validation", num_shards=1, workers=1)
     with pytest.raises(FileNotFoundError, match="convert the train split first"):
         convert(str(val), str(tmp_path / "empty"), "validation", num_shards=1, workers=1)
+
+
+# --- validated once, at conversion: the shard index -----------------------------------------
+
+def _copy_converted(shards, dest):
+    """A copy of the converted shards and their indexes (a test may change it)."""
+    import shutil
+
+    shutil.copytree(shards, dest)
+    return dest
+
+
+def test_converted_shards_carry_an_index_that_training_trusts(shards, tmp_path, monkeypatch):
+    from lars_tf.data import shard_index
+
+    files = imagenet.split_files(str(shards), "train")
+    for f in files + imagenet.split_files(str(shards), "validation"):
+        index, why = shard_index.read(f)
+        assert index is not None, why
+        labels = [int(imagenet.parse(r)[1]) for r in tf.data.TFRecordDataset(f)]
+        assert (index.records, index.label_min, index.label_max) == (
+            len(labels), min(labels), max(labels))
+        assert index.bytes == os.path.getsize(f) and shard_index.verify(f) == ""
+    # the indexes and a conversion's temporary files are not shards
+    assert not any(f.endswith((".json", ".tmp")) for f in files)
+    (shards / "train-00009-of-00010.tmp").write_bytes(b"half a shard")
+    try:
+        assert imagenet.split_files(str(shards), "train") == files
+    finally:
+        (shards / "train-00009-of-00010.tmp").unlink()
+
+    # no pass over the data before training: counts and labels come from the indexes
+    def no_pass(files, *args, **kwargs):
+        assert not files, f"read before training: {files}"
+        return 0
+
+    monkeypatch.setattr(imagenet, "count_records", no_pass)
+    monkeypatch.setattr(imagenet, "check_labels", no_pass)
+    d = data_lib.build(_config(shards), 0, 1)
+    assert d.train_examples == 3 * PER_CLASS + 6
+    assert sum(len(y) for _, y in d.eval) == 3 * PER_CLASS + 6
+
+
+def test_lars_convert_verify_names_a_shard_that_changed(shards, tmp_path):
+    root = _copy_converted(shards, tmp_path / "copy")
+
+    def verify():
+        return subprocess.run([str(BIN / "lars-convert"), "--verify", f"--output_dir={root}"],
+                              env=job_env(), capture_output=True, text=True, timeout=120)
+
+    ok = verify()
+    assert ok.returncode == 0 and "every shard" in ok.stderr, ok.stderr[-2000:]
+    _damage(root / "train-00002-of-00004")
+    bad = verify()
+    assert bad.returncode == 1, bad.stderr[-2000:]
+    assert re.search(r"train-00002-of-00004: sha256 \w+ differs", bad.stderr), bad.stderr
+    assert "train-00001-of-00004" not in bad.stderr
+
+
+def test_a_validated_shard_still_has_every_label_and_crc_checked(tmp_path, capfd):
+    """Trusting a shard drops the JPEG structure check only: a label beyond the range its
+    index claims still stops training, naming the record, and a record damaged after
+    conversion (same size: the index still matches) is skipped and named."""
+    from lars_tf.data import shard_index
+
+    root = _id_shards(tmp_path / "shards", 2, records=40)
+    for f in imagenet.split_files(str(root), "train") + imagenet.split_files(
+            str(root), "validation"):
+        shard_index.write(f, 20, [0, 29])  # a forged index: records of ids 0..39 claim 0..29
+    d = data_lib.build(_config(root, num_classes=30, global_batch_size=2), 0, 1)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"label out of range in \S*-0000\d-of-0000\d\S* record \d+ label 3\d"):
+        for _ in d.train.take(d.steps_per_epoch):
+            pass
+
+    _damage(root / "train-00001-of-00002")
+    assert shard_index.read(str(root / "train-00001-of-00002"))[0] is not None
+    config = _config(root, num_classes=40, global_batch_size=2)
+    d = data_lib.build(config, 0, 1)
+    assert d.steps_per_epoch == 20  # from the indexes: 40 records, before any is read
+    first, second = _epoch_labels(d, 0), _epoch_labels(d, 1)
+    assert int(d.skipped.numpy()) >= 1
+    err = capfd.readouterr().err
+    assert re.search(r"damaged or truncated TFRecord file \S*train-00001-of-00002\S* at byte "
+                     r"offset \d+", err), err
+    # every record of the whole shard (the even ids) and some of the damaged one; the
+    # epoch filled from its own records, so that the next epoch is what a run resumed
+    # there reads
+    assert len(first) == 40 and set(range(0, 40, 2)) < set(first) < set(range(40))
+    np.testing.assert_array_equal(
+        second, _epoch_labels(data_lib.build(config, 0, 1, initial_epoch=1), 0))
+
+
+def test_a_shard_rewritten_after_conversion_gets_the_full_checks(shards, tmp_path, capfd):
+    """A converted shard replaced by another file (its index no longer matches its size):
+    its corrupt JPEG is caught by the per-record check and named, as for any shard that
+    lars-convert did not write."""
+    root = _copy_converted(shards, tmp_path / "copy")
+    good = [imagenet.parse(r)[0].numpy() for r in
+            tf.data.TFRecordDataset(str(root / "validation-00000-of-00002")).take(4)]
+    _write_shard(root / "validation-00000-of-00002",
+                 [(good[0], 0), (os.urandom(3000), 1), (good[1], 2)])
+    from lars_tf.data import shard_index
+
+    index, why = shard_index.read(str(root / "validation-00000-of-00002"))
+    assert index is None and "changed since lars-convert wrote it" in why
+    d = data_lib.build(_config(root), 0, 1)
+    n = sum(len(y) for _, y in d.eval)
+    assert n == 2 + imagenet.count_records([str(root / "validation-00001-of-00002")])
+    assert re.search(r"skipping corrupt JPEG in \S*validation-00000-of-00002\S* record 1",
+                     capfd.readouterr().err)
+
+
+def test_dct_scaled_decode_matches_a_full_decode(tmp_path):
+    """Large photos (real ones upscaled to 3000x4000 and re-encoded): the random-resized
+    crop decoded at 1/2..1/8 DCT scale is within a mean absolute error of 2.5 (of 255; 4
+    for any one crop) of decoding the whole window and resizing it bilinearly, and within 2
+    of the antialiased resize of the full decode: closer to it, on average, than the
+    bilinear resize of the full decode is (which aliases at these 8-16x reductions)."""
+    from lars_tf.data import preprocessing as pre
+
+    ratios, vs_bilinear, vs_area, bilinear_vs_area = [], [], [], []
+    for path in testing.photos(("astronaut.png", "rocket.jpg")).values():
+        image = tf.io.decode_image(open(path, "rb").read(), channels=3, expand_animations=False)
+        big = tf.cast(tf.round(tf.image.resize(image, [3000, 4000])), tf.uint8)
+        jpeg = tf.io.encode_jpeg(big, quality=90)
+        shape = tf.image.extract_jpeg_shape(jpeg)
+        for i in range(8):
+            window = pre.crop_window(shape, 224, tf.constant([5, i], tf.int64))
+            ratios.append(pre.DCT_RATIOS[int(pre.dct_ratio(window[2], window[3], 224))])
+            ours = pre.decode_resized(jpeg, shape, window, 224)
+            full = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
+            bilinear = tf.image.resize(full, [224, 224])
+            area = tf.image.resize(full, [224, 224], antialias=True)
+            vs_bilinear.append(float(tf.reduce_mean(tf.abs(ours - bilinear))))
+            vs_area.append(float(tf.reduce_mean(tf.abs(ours - area))))
+            bilinear_vs_area.append(float(tf.reduce_mean(tf.abs(bilinear - area))))
+    assert min(ratios) >= 2 and max(ratios) == 8, ratios  # DCT scaling is used
+    assert np.mean(vs_bilinear) < 2.5 and max(vs_bilinear) < 4, vs_bilinear
+    assert max(vs_area) < 2 and np.mean(vs_area) < np.mean(bilinear_vs_area), (
+        vs_area, bilinear_vs_area)
+    # a window under twice the output is decoded at full scale, as before
+    small = tf.io.encode_jpeg(big[:375, :500])
+    window = tf.constant([10, 20, 300, 400])
+    np.testing.assert_array_equal(
+        pre.decode_resized(small, tf.image.extract_jpeg_shape(small), window, 224),
+        tf.image.resize(tf.image.decode_and_crop_jpeg(small, window, channels=3), [224, 224]))

@@ -16,9 +16,10 @@ import sys
 import tensorflow as tf
 from absl import logging
 
-from lars_tf.data import pipeline
+from lars_tf.data import pipeline, shard_index
 
 SPLIT_PATTERNS = {"train": "train-*-of-*", "validation": "validation-*-of-*"}
+_NOT_SHARDS = (".tmp", shard_index.SUFFIX)
 _BOX = ("ymin", "xmin", "ymax", "xmax")
 FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
@@ -32,7 +33,9 @@ def split_files(data_dir: str, split: str) -> list[str]:
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"--data_dir={data_dir!r} is not a directory")
     pattern = os.path.join(data_dir, SPLIT_PATTERNS[split])
-    files = sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
+    # not lars-convert's shards in the making (.tmp) nor their indexes (.index.json)
+    files = sorted(f for f in glob.glob(pattern)
+                   if os.path.isfile(f) and not f.endswith(_NOT_SHARDS))
     if not files:
         raise FileNotFoundError(
             f"--data_dir={data_dir!r} has no {split} shards ({SPLIT_PATTERNS[split]}): "
@@ -55,6 +58,8 @@ def count_records(files: list[str], strict: bool = False) -> int:
         return path, n_bytes[0], n_bytes[1]
 
     total = 0
+    if not files:
+        return 0
     counts = tf.data.Dataset.from_tensor_slices(list(files)).map(
         per_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     for path, n, read in counts.as_numpy_iterator():
@@ -76,7 +81,7 @@ def label_sample(files: list[str], per_file: int = 8) -> tf.data.Dataset:
     label_only = {"image/class/label": FEATURES["image/class/label"]}
 
     def head(path):
-        return (tf.data.TFRecordDataset(path).take(per_file).enumerate()
+        return (pipeline.numbered(tf.data.TFRecordDataset(path).take(per_file))
                 .map(lambda i, r: (path, i, tf.io.parse_single_example(
                     r, label_only)["image/class/label"])))
 
@@ -100,6 +105,8 @@ def check_labels(files: list[str], num_classes: int, label_offset: int, per_file
     than mid-epoch (the pipeline checks every record as well). A shard that is not readable
     there fails now with ``strict`` (``--strict_data``); otherwise the pipeline skips and
     reports it."""
+    if not files:
+        return
     it = label_sample(files, per_file).as_numpy_iterator()
     while True:
         try:
@@ -123,6 +130,39 @@ def check_labels(files: list[str], num_classes: int, label_offset: int, per_file
             raise ValueError(
                 f"{path.decode()}: record {i} has label {label}, which with --label_offset="
                 f"{label_offset} is outside [0, --num_classes={num_classes})")
+
+
+def read_indexes(files: list[str]) -> tuple[dict, dict[str, str]]:
+    """``({shard: ShardIndex}, {shard: why not trusted})``: which shards lars-convert
+    validated (an index beside them that matches their size; see ``shard_index``)."""
+    trusted, untrusted = {}, {}
+    for f in files:
+        index, why = shard_index.read(f)
+        if index is None:
+            untrusted[f] = why
+        else:
+            trusted[f] = index
+    return trusted, untrusted
+
+
+def log_untrusted(rank: int, untrusted: dict[str, str], total: int) -> None:
+    if rank == 0 and untrusted:
+        first, why = next(iter(untrusted.items()))
+        logging.info("%d of %d shards are not validated by lars-convert (e.g. %s: %s): their "
+                     "records are counted before training and each JPEG is checked as read",
+                     len(untrusted), total, first, why)
+
+
+def check_index_labels(trusted: dict, num_classes: int, label_offset: int) -> None:
+    """Every label of every validated shard, from the range its index records: one outside
+    ``[0, num_classes)`` after ``label_offset`` fails now, naming the shard."""
+    for path, index in trusted.items():
+        if index.records and not (0 <= index.label_min - label_offset
+                                  and index.label_max - label_offset < num_classes):
+            raise ValueError(
+                f"{path}: its labels run from {index.label_min} to {index.label_max} (per "
+                f"its lars-convert index), which with --label_offset={label_offset} is not "
+                f"within [0, --num_classes={num_classes})")
 
 
 def clean_message(message: str) -> str:
@@ -192,40 +232,42 @@ def records(files, deterministic: bool, cycle_length: int = 16, strict: bool = F
     offsets = tf.zeros([n], tf.int64) if offsets is None else tf.cast(offsets, tf.int64)
 
     def read(path, stride, offset):
-        ds = (tf.data.TFRecordDataset(path, buffer_size=1 << 20).enumerate()
-              .map(lambda i, r: (r, path, i))
-              .apply(tf.data.experimental.ignore_errors()))
         expected = sizes.lookup(path)
-        end = tf.data.Dataset.from_tensors((tf.constant(b""), path, tf.constant(-1, tf.int64)))
+        # (index, record) of each readable record, then the end of the file: (-1, b"")
+        ds = (pipeline.numbered(tf.data.TFRecordDataset(path, buffer_size=1 << 20))
+              .ignore_errors()
+              .concatenate(tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64),
+                                                         tf.constant(b"")))))
 
-        def account(done, record):
-            r, p, i = record
+        def account(done, element):
+            """Bytes read so far (each record plus its 16 framing bytes); at the end of the
+            file, a shortfall is reported (or fatal). One function per record: each tf.data
+            stage costs tens of microseconds per record."""
+            i, r = element
             read_to = done + tf.where(i < 0, tf.constant(0, tf.int64),
                                       tf.cast(tf.strings.length(r), tf.int64) + 16)
-            return read_to, (r, p, i, tf.logical_and(i < 0, read_to != expected), read_to)
-
-        def report(r, p, i, short, offset_of_damage):
+            short = tf.logical_and(i < 0, read_to != expected)
             if strict:
-                check = tf.debugging.Assert(tf.logical_not(short), [tf.strings.join([
-                    "damaged or truncated TFRecord file ", p, " at byte offset ",
-                    tf.strings.as_string(offset_of_damage), " of ",
-                    tf.strings.as_string(expected), " (--strict_data)"])])
-                with tf.control_dependencies([check]):
-                    return i >= 0
+                ok = pipeline.fail_unless(tf.logical_not(short), lambda: tf.strings.join([
+                    "damaged or truncated TFRecord file ", path, " at byte offset ",
+                    tf.strings.as_string(read_to), " of ", tf.strings.as_string(expected),
+                    " (--strict_data)"]))
+            else:
+                def say():
+                    tf.print("lars_tf: damaged or truncated TFRecord file", path,
+                             "at byte offset", read_to, "of", expected,
+                             "- read up to the damage, skipped the rest",
+                             output_stream=sys.stderr)
+                    if skipped is not None:
+                        skipped.assign_add(1)
+                    return tf.constant(False)
 
-            def say():
-                tf.print("lars_tf: damaged or truncated TFRecord file", p, "at byte offset",
-                         offset_of_damage, "of", expected,
-                         "- read up to the damage, skipped the rest", output_stream=sys.stderr)
-                if skipped is not None:
-                    skipped.assign_add(1)
-                return tf.constant(False)
+                ok = tf.cond(short, say, lambda: tf.constant(True))
+            keep = tf.logical_and(ok, tf.logical_and(i >= 0, tf.equal(i % stride, offset)))
+            return read_to, (r, path, i, keep)
 
-            return tf.cond(short, say, lambda: i >= 0)
-
-        return (ds.concatenate(end).scan(tf.constant(0, tf.int64), account).filter(report)
-                .filter(lambda r, p, i, short, o: tf.equal(i % stride, offset))
-                .map(lambda r, p, i, short, o: (r, p, i)))
+        return (ds.scan(tf.constant(0, tf.int64), account)
+                .filter(lambda r, p, i, keep: keep).map(lambda r, p, i, keep: (r, p, i)))
 
     return tf.data.Dataset.from_tensor_slices((files, strides, offsets)).interleave(
         read, cycle_length=min(cycle_length, int(files.shape[0])), block_length=1,
@@ -250,26 +292,38 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
                          "validation-* TFRecord shards)")
     files = split_files(data_dir, "train")
     eval_files = split_files(data_dir, "validation")
-    check_labels(files + eval_files, config.num_classes, config.label_offset,
-                          strict=config.strict_data)
-    examples = config.train_examples or count_records(files, config.strict_data)
+    trusted, untrusted = read_indexes(files + eval_files)
+    log_untrusted(rank, untrusted, len(files + eval_files))
+    check_index_labels(trusted, config.num_classes, config.label_offset)
+    check_labels([f for f in files + eval_files if f in untrusted], config.num_classes,
+                 config.label_offset, strict=config.strict_data)
+    examples = config.train_examples or (
+        sum(trusted[f].records for f in files if f in trusted)
+        + count_records([f for f in files if f in untrusted], config.strict_data))
     steps = pipeline.steps_per_epoch(config, examples, size)
     batch, det = config.per_rank_batch_size(size), config.deterministic
     skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
-    check = pipeline.checked(skipped, config.strict_data)
+    # a split whose shards were all validated by lars-convert skips the per-record check
+    check = {split: pipeline.jpeg_checked(skipped, config.strict_data)
+             if any(f in untrusted for f in names) else None
+             for split, names in (("train", files), ("validation", eval_files))}
     sizes = size_table(files + eval_files)
 
-    def parsed(paths, assignment, deterministic):
-        """This rank's records of ``paths`` (a tensor, in the epoch's order), parsed and
-        checked in parallel; the filter after the check only reads a flag."""
+    def mine_of(paths, assignment, deterministic):
+        """This rank's serialized records of ``paths`` (a tensor, in the epoch's order)."""
         positions, strides, offsets = (list(c) for c in zip(*assignment)) if assignment \
             else ([], [], [])
-        return (records(tf.gather(paths, tf.constant(positions, tf.int64)),
-                                 deterministic, strict=config.strict_data, skipped=skipped,
-                                 sizes=sizes, strides=strides, offsets=offsets)
-                .map(lambda r, p, i: check(*parse(r, config.label_offset), p, i),
-                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-                .filter(pipeline.is_ok).map(pipeline.drop_flag))
+        return records(tf.gather(paths, tf.constant(positions, tf.int64)), deterministic,
+                       strict=config.strict_data, skipped=skipped, sizes=sizes,
+                       strides=strides, offsets=offsets)
+
+    def parse_train(place, record):
+        r, p, i = record
+        return (*parse(r, config.label_offset), p, i,
+                tf.stack([tf.constant(seed, tf.int64), place]))
+
+    def parse_eval(r, p, i):
+        return (*parse(r, config.label_offset), p, i)
 
     # Every epoch, all ranks order the files alike (seeded by (seed, epoch)) and split them
     # with file_assignment, so each record is read by exactly one rank per epoch. Each rank
@@ -280,8 +334,8 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
     log_sharding(rank, len(files), size, "train")
     files_t = tf.constant(files)
     seed = pipeline.rank_seed(config.seed, rank)
-    if config.cache:  # parse once; this rank's records (a fixed split) stay in memory
-        cached = parsed(files_t, mine, det).cache()
+    if config.cache:  # read once; this rank's records (a fixed split) stay in memory
+        cached = mine_of(files_t, mine, det).cache()
 
         def epoch_records(e):
             return cached
@@ -290,7 +344,7 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
             order = tf.random.experimental.stateless_shuffle(
                 tf.range(len(files), dtype=tf.int64),
                 seed=tf.stack([tf.constant(config.seed, tf.int64), e]))
-            return parsed(tf.gather(files_t, order), mine, det)
+            return mine_of(tf.gather(files_t, order), mine, det)
 
     def epoch(e):
         # tf.data would mix the global seed (the same on every rank, and a tensor seed
@@ -299,15 +353,21 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
         tf.compat.v1.get_default_graph().seed = None
         records = epoch_records(e).shuffle(config.shuffle_buffer, seed=seed * 7919 + e,
                                            reshuffle_each_iteration=False)
-        return records.take(steps * batch).enumerate().map(
-            lambda k, rec: (*rec, tf.stack([tf.constant(seed, tf.int64), e * 2 ** 32 + k])))
+        # steps come from the indexes (or --train_examples): should this rank's records
+        # fall short (a shard damaged since lars-convert indexed it), the epoch is filled
+        # with its own records again rather than with the next epoch's, so every epoch
+        # still starts where a resumed run starts it
+        # each record's augmentation seed: (seed, rank) and its place e * 2**32 + k
+        return pipeline.numbered(records.repeat().take(steps * batch), start=e * 2 ** 32)
 
-    train = pipeline.train_batches(tf.data.Dataset.range(initial_epoch, 2 ** 62).flat_map(epoch),
-                          config, batch, dtype)
+    train = pipeline.train_batches(
+        tf.data.Dataset.range(initial_epoch, 2 ** 62).flat_map(epoch), config, batch, dtype,
+        parse=parse_train, check=check["train"])
     evaluation = pipeline.eval_batches(
-        parsed(tf.constant(eval_files), file_assignment(len(eval_files), rank, size),
-               True), config, eval_batch_size, dtype)
+        mine_of(tf.constant(eval_files), file_assignment(len(eval_files), rank, size), True),
+        config, eval_batch_size, dtype, parse=parse_eval, check=check["validation"])
     return pipeline.Datasets(train=train, eval=evaluation, steps_per_epoch=steps,
                              train_examples=examples, eval_examples=None,
                              input_shape=(config.image_size, config.image_size, 3),
-                             num_classes=config.num_classes, skipped=skipped)
+                             num_classes=config.num_classes, skipped=skipped,
+                             uint8_pixels=config.normalize_on_device)

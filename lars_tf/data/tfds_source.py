@@ -82,7 +82,7 @@ def records(config, split: str, rank: int, size: int, training: bool) -> tf.data
         read_config=tfds.ReadConfig(shuffle_seed=pipeline.rank_seed(config.seed, rank),
                                     try_autocache=False))
     origin = tf.constant(f"tfds:{builder.name}/{split}")
-    return ds.enumerate().map(
+    return pipeline.numbered(ds).map(
         lambda i, ex: (ex[image_key], tf.cast(ex[label_key], tf.int32),
                        tf.zeros([1, 0, 4], tf.float32), origin, i))
 
@@ -96,26 +96,22 @@ def build(config, rank: int, size: int, eval_batch_size: int, dtype: tf.DType) -
     examples = config.train_examples or splits["train"].num_examples
     steps = pipeline.steps_per_epoch(config, examples, size)
     skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
-    check = pipeline.checked(skipped, config.strict_data)
-
-    def valid(ds):
-        return (ds.map(check, num_parallel_calls=tf.data.AUTOTUNE,
-                       deterministic=config.deterministic)
-                .filter(pipeline.is_ok).map(pipeline.drop_flag))
-
+    check = pipeline.jpeg_checked(skipped, config.strict_data)
     seed = pipeline.rank_seed(config.seed, rank)
-    train = valid(records(config, "train", rank, size, training=True).repeat()
-                  ).shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+    train = records(config, "train", rank, size, training=True).repeat().shuffle(
+        config.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
     # the augmentation seed of the k-th record this rank reads: (seed, rank, k)
-    train = train.enumerate().map(
+    train = pipeline.numbered(train).map(
         lambda k, rec: (*rec, tf.stack([tf.constant(seed, tf.int64), k])))
     evaluation = None
     if eval_split in splits:
         evaluation = pipeline.eval_batches(
-            valid(records(config, eval_split, rank, size, training=False)),
-            config, eval_batch_size, dtype)
-    train = pipeline.train_batches(train, config, config.per_rank_batch_size(size), dtype)
+            records(config, eval_split, rank, size, training=False), config, eval_batch_size,
+            dtype, check=check)
+    train = pipeline.train_batches(train, config, config.per_rank_batch_size(size), dtype,
+                                   check=check)
     return pipeline.Datasets(train=train, eval=evaluation, steps_per_epoch=steps,
                              train_examples=examples, eval_examples=None,
                              input_shape=(config.image_size, config.image_size, 3),
-                             num_classes=num_classes, skipped=skipped)
+                             num_classes=num_classes, skipped=skipped,
+                             uint8_pixels=config.normalize_on_device)
