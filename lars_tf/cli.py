@@ -49,7 +49,11 @@ flags.DEFINE_integer("train_examples", _D.train_examples,
                      "imagenet: training examples (0: count the records; 1281167 for "
                      "ImageNet-1k); synthetic: examples per epoch (0: 10 global batches); "
                      "fashion_mnist: train on the first N (0, or 60000 and more: all).")
-flags.DEFINE_integer("shuffle_buffer", _D.shuffle_buffer, "imagenet: shuffle buffer per rank.")
+flags.DEFINE_integer("shuffle_buffer", _D.shuffle_buffer,
+                     "imagenet, tfds: shuffle buffer per rank, in records.")
+flags.DEFINE_integer("shuffle_buffer_mb", _D.shuffle_buffer_mb,
+                     "imagenet: the most the shuffle buffer holds per rank, in MiB (fewer "
+                     "records than --shuffle_buffer when the shards' mean record is large).")
 flags.DEFINE_bool("cache", _D.cache, "imagenet: keep this rank's parsed records in memory.")
 flags.DEFINE_bool("normalize_on_device", _D.normalize_on_device,
                   "imagenet, tfds: the pipeline emits uint8 pixels (4x fewer bytes than "

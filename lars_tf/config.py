@@ -40,6 +40,7 @@ class TrainConfig:
     label_offset: int = 0
     train_examples: int = 0
     shuffle_buffer: int = 10000
+    shuffle_buffer_mb: int = 2048
     cache: bool = False
     strict_data: bool = False
     normalize_on_device: bool = False
@@ -85,7 +86,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_number("--global_batch_size", self.global_batch_size, lo=1, integer=True)
-        for flag in ("image_size", "num_classes", "shuffle_buffer"):
+        for flag in ("image_size", "num_classes", "shuffle_buffer", "shuffle_buffer_mb"):
             check_number(f"--{flag}", getattr(self, flag), lo=1, integer=True)
         for flag in ("label_offset", "train_examples"):
             check_number(f"--{flag}", getattr(self, flag), lo=0, integer=True)

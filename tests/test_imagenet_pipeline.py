@@ -428,6 +428,39 @@ def test_a_damaged_record_mid_shard_is_named_skipped_and_counted(tmp_path, capfd
                 pass
 
 
+@pytest.mark.parametrize("block", [1, 3, 64])
+def test_the_reader_keeps_each_files_stride_across_read_blocks(block, tmp_path, capfd):
+    """Files are read ``block`` records at a time: whatever the block, a rank gets exactly
+    the records ``i % stride == offset`` of each file with their indexes, a damaged file up
+    to its damage (named once)."""
+    root = _id_shards(tmp_path / "shards", 2, records=40)
+    _damage(root / "train-00001-of-00002")
+    files = imagenet.split_files(str(root), "train")
+    strides, offsets = [2, 3], [1, 0]
+    want = sorted((r, f.encode(), i) for k, f in enumerate(files)
+                  for i, r in enumerate(tf.data.TFRecordDataset(f).ignore_errors()
+                                        .as_numpy_iterator()) if i % strides[k] == offsets[k])
+    assert 10 < len(want) < 17  # file 0: its 10 odd records; file 1: every 3rd before damage
+    got = sorted(imagenet.records(files, True, strides=strides, offsets=offsets,
+                                  block=block).as_numpy_iterator())
+    assert got == want
+    err = capfd.readouterr().err
+    assert len(re.findall(r"damaged or truncated TFRecord file \S*train-00001-of-00002", err)) \
+        == 1, err
+
+
+@pytest.mark.parametrize("record_kb, buffer", [(44, 10000), (110, 10000),
+                                               (3000, 2048 * 1024 // 3000)])
+def test_the_shuffle_buffer_holds_at_most_shuffle_buffer_mb(record_kb, buffer):
+    config = TrainConfig(dataset="imagenet", data_dir="x", shuffle_buffer=10000,
+                         shuffle_buffer_mb=2048)
+    assert imagenet.shuffle_buffer(config, record_kb * 1024) == buffer
+    assert imagenet.shuffle_buffer(config.replace(shuffle_buffer_mb=1), 2 ** 30) == 1
+    assert imagenet.read_block(44 * 1024) == 64 and imagenet.read_block(3000 * 1024) == 1
+    with pytest.raises(ValueError, match="--shuffle_buffer_mb"):
+        config.replace(shuffle_buffer_mb=0)
+
+
 def test_crop_geometry(tmp_path):
     """The random-resized crop's window: area and aspect ratio in range, and the central
     crop when no window fits (here: a strip too thin for any allowed window)."""

@@ -181,6 +181,25 @@ def size_table(files: list[str]) -> tf.lookup.StaticHashTable:
         default_value=-1)
 
 
+def read_block(record_bytes: float, target: int = 4 << 20, most: int = 64) -> int:
+    """Records that ``records`` reads of a file at a time: about ``target`` bytes of records
+    of ``record_bytes`` (1 to ``most``), so that the open files hold a few MB each."""
+    return int(max(1, min(most, target // max(1.0, record_bytes))))
+
+
+def shuffle_buffer(config, record_bytes: float, rank: int = 0) -> int:
+    """The shuffle buffer in records: ``--shuffle_buffer``, or fewer when that many records
+    of ``record_bytes`` (the shards' mean) exceed ``--shuffle_buffer_mb``."""
+    fits = int(config.shuffle_buffer_mb * 2 ** 20 // max(1.0, record_bytes))
+    if fits >= config.shuffle_buffer:
+        return config.shuffle_buffer
+    if rank == 0:
+        logging.info("shuffle buffer: %d records (--shuffle_buffer=%d records of %.0f KB "
+                     "would exceed --shuffle_buffer_mb=%d)", max(1, fits),
+                     config.shuffle_buffer, record_bytes / 1024, config.shuffle_buffer_mb)
+    return max(1, fits)
+
+
 def file_assignment(num_files: int, rank: int, size: int) -> list[tuple[int, int, int]]:
     """What rank ``rank`` of ``size`` reads of an epoch's list of ``num_files`` files: a list
     of ``(position, stride, offset)``, meaning the records ``i`` of the file at ``position``
@@ -208,10 +227,11 @@ def file_assignment(num_files: int, rank: int, size: int) -> list[tuple[int, int
 def records(files, deterministic: bool, cycle_length: int = 16, strict: bool = False,
             skipped: tf.Variable | None = None,
             sizes: tf.lookup.StaticHashTable | None = None,
-            strides=None, offsets=None) -> tf.data.Dataset:
+            strides=None, offsets=None, block: int = 64) -> tf.data.Dataset:
     """``(serialized, file, index_in_file)`` from ``files``, interleaved in parallel; of
     file ``k`` only the records ``i`` with ``i % strides[k] == offsets[k]`` (all of them by
-    default; see ``file_assignment``).
+    default; see ``file_assignment``). Each file is read ``block`` records at a time
+    (``read_block``: a few MB in flight per file).
 
     A truncated shard, or one with a damaged record (its CRC fails), ends that file at the
     damage instead of ending the run: the bytes read (each record plus its 16 framing bytes)
@@ -233,20 +253,21 @@ def records(files, deterministic: bool, cycle_length: int = 16, strict: bool = F
 
     def read(path, stride, offset):
         expected = sizes.lookup(path)
-        # (index, record) of each readable record, then the end of the file: (-1, b"")
-        ds = (pipeline.numbered(tf.data.TFRecordDataset(path, buffer_size=1 << 20))
-              .ignore_errors()
-              .concatenate(tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64),
-                                                         tf.constant(b"")))))
+        # the readable records in blocks (each tf.data function costs tens of microseconds
+        # per call: one per block, not per record), then the end of the file: an empty block
+        ds = (tf.data.TFRecordDataset(path, buffer_size=1 << 20).ignore_errors()
+              .batch(block)
+              .concatenate(tf.data.Dataset.from_tensors(tf.zeros([0], tf.string))))
 
-        def account(done, element):
-            """Bytes read so far (each record plus its 16 framing bytes); at the end of the
-            file, a shortfall is reported (or fatal). One function per record: each tf.data
-            stage costs tens of microseconds per record."""
-            i, r = element
-            read_to = done + tf.where(i < 0, tf.constant(0, tf.int64),
-                                      tf.cast(tf.strings.length(r), tf.int64) + 16)
-            short = tf.logical_and(i < 0, read_to != expected)
+        def account(state, chunk):
+            """Bytes and records read so far (each record plus its 16 framing bytes); at
+            the end of the file, a shortfall is reported (or fatal). Of the block
+            ``chunk``, this rank's records (``index % stride == offset``) and indexes."""
+            done, count = state
+            n = tf.size(chunk, out_type=tf.int64)
+            read_to = done + tf.reduce_sum(
+                tf.cast(tf.strings.length(chunk), tf.int64) + 16)
+            short = tf.logical_and(tf.equal(n, 0), read_to != expected)
             if strict:
                 ok = pipeline.fail_unless(tf.logical_not(short), lambda: tf.strings.join([
                     "damaged or truncated TFRecord file ", path, " at byte offset ",
@@ -263,11 +284,19 @@ def records(files, deterministic: bool, cycle_length: int = 16, strict: bool = F
                     return tf.constant(False)
 
                 ok = tf.cond(short, say, lambda: tf.constant(True))
-            keep = tf.logical_and(ok, tf.logical_and(i >= 0, tf.equal(i % stride, offset)))
-            return read_to, (r, path, i, keep)
+            index = count + tf.range(n)
+            with tf.control_dependencies([ok]):
+                index = tf.identity(index)
 
-        return (ds.scan(tf.constant(0, tf.int64), account)
-                .filter(lambda r, p, i, keep: keep).map(lambda r, p, i, keep: (r, p, i)))
+            def strided():  # copies the records kept: only for a file split by record
+                keep = tf.equal(index % stride, offset)
+                return tf.boolean_mask(chunk, keep), tf.boolean_mask(index, keep)
+
+            mine, kept = tf.cond(tf.equal(stride, 1), lambda: (chunk, index), strided)
+            return (read_to, count + n), (mine, tf.fill(tf.shape(kept), path), kept)
+
+        zero = tf.constant(0, tf.int64)
+        return ds.scan((zero, zero), account).unbatch()
 
     return tf.data.Dataset.from_tensor_slices((files, strides, offsets)).interleave(
         read, cycle_length=min(cycle_length, int(files.shape[0])), block_length=1,
@@ -300,6 +329,9 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
     examples = config.train_examples or (
         sum(trusted[f].records for f in files if f in trusted)
         + count_records([f for f in files if f in untrusted], config.strict_data))
+    record_bytes = sum(os.path.getsize(f) for f in files) / max(1, examples)
+    buffer = shuffle_buffer(config, record_bytes, rank)
+    block = read_block(record_bytes)
     steps = pipeline.steps_per_epoch(config, examples, size)
     batch, det = config.per_rank_batch_size(size), config.deterministic
     skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
@@ -315,7 +347,7 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
             else ([], [], [])
         return records(tf.gather(paths, tf.constant(positions, tf.int64)), deterministic,
                        strict=config.strict_data, skipped=skipped, sizes=sizes,
-                       strides=strides, offsets=offsets)
+                       strides=strides, offsets=offsets, block=block)
 
     def parse_train(place, record):
         r, p, i = record
@@ -351,7 +383,7 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
         # cannot be combined with a global seed of 0) into the shuffle's seeds; clearing it
         # in this function's graph leaves the shuffle to (seed, rank, epoch) alone
         tf.compat.v1.get_default_graph().seed = None
-        records = epoch_records(e).shuffle(config.shuffle_buffer, seed=seed * 7919 + e,
+        records = epoch_records(e).shuffle(buffer, seed=seed * 7919 + e,
                                            reshuffle_each_iteration=False)
         # steps come from the indexes (or --train_examples): should this rank's records
         # fall short (a shard damaged since lars-convert indexed it), the epoch is filled
