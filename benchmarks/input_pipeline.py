@@ -18,7 +18,8 @@ through:
   shuffle, per-record seeds, the random-resized crop decoded from the JPEG with DCT scaling,
   flip, normalise, label check per batch) with a shuffle buffer of 1,024 records, float32
   out; the same without the record shuffle (``--shuffle_buffer=1``: what the shuffle
-  costs); and with ``--normalize_on_device`` (uint8 out, normalised in the model);
+  costs); with ``--normalize_on_device`` (uint8 out, normalised in the model); and with
+  tf.data's autotune off (parallelism pinned to the cores instead of tuned);
 - Model Garden: ``official.legacy.image_classification.preprocessing.preprocess_for_train``
   (fused decode-crop, flip, resize, mean and std normalisation) on a bare interleaved
   reader: no shuffle, no sharding, no checks;
@@ -122,6 +123,10 @@ def pipelines(shards: str, batch: int, threads: int) -> dict[str, tf.data.Datase
                 .batch(batch).prefetch(tf.data.AUTOTUNE).with_options(opts))
 
     preprocess_for_train = model_garden_preprocess()
+    # parallelism pinned instead of tuned: with autotune off, tf.data runs each AUTOTUNE
+    # map and interleave on as many threads as the pipeline's pool has (its cores)
+    pinned = tf.data.Options()
+    pinned.autotune.enabled = False
     config = TrainConfig(dataset="imagenet", data_dir=shards, num_classes=1,
                          global_batch_size=batch, shuffle_buffer=1024, image_size=SIZE)
     return {
@@ -130,6 +135,8 @@ def pipelines(shards: str, batch: int, threads: int) -> dict[str, tf.data.Datase
             config.replace(shuffle_buffer=1), 0, 1, threads=threads).train,
         "lars_tf --normalize_on_device": data_lib.build(
             config.replace(normalize_on_device=True), 0, 1, threads=threads).train,
+        "lars_tf, autotune off": data_lib.build(config, 0, 1, threads=threads).train
+        .with_options(pinned),
         "Model Garden preprocess_for_train": bare(
             lambda b: preprocess_for_train(b, SIZE, mean_subtract=True, standardize=True)),
         "full decode (tf.io.decode_jpeg)": bare(lambda b: tf.io.decode_jpeg(b, channels=3)),
