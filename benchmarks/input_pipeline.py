@@ -67,8 +67,7 @@ SETS = {"imagenet_like": (64, 24, 4), "large": (16, 4, 1)}
 def make_images(folder: str, n: int, copies: int = 1) -> None:
     """``n`` 500x375 JPEGs cut at random from the real photographs, each written
     ``copies`` times, in ``folder/all``."""
-    photos = [tf.io.decode_image(open(path, "rb").read(), channels=3, expand_animations=False)
-              for path in testing.photos().values()]
+    photos = _photos()
     rng = np.random.default_rng(0)
     os.makedirs(os.path.join(folder, "all"), exist_ok=True)
     for i in range(n):
@@ -85,8 +84,7 @@ def make_images(folder: str, n: int, copies: int = 1) -> None:
 
 def make_large_images(folder: str, n: int, copies: int = 1) -> None:
     """``n`` 3000x4000 JPEGs: the real photographs upscaled whole (alternately mirrored)."""
-    photos = [tf.io.decode_image(open(path, "rb").read(), channels=3, expand_animations=False)
-              for path in testing.photos().values()]
+    photos = _photos()
     os.makedirs(os.path.join(folder, "all"), exist_ok=True)
     for i in range(n):
         img = tf.image.resize(photos[i % len(photos)], [3000, 4000])
@@ -94,6 +92,12 @@ def make_large_images(folder: str, n: int, copies: int = 1) -> None:
             img = img[:, ::-1]
         big = tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
         _write(folder, i, tf.io.encode_jpeg(big, quality=90).numpy(), copies)
+
+
+def _photos() -> list[tf.Tensor]:
+    """The real photographs the tests use, decoded to RGB."""
+    return [tf.io.decode_image(open(path, "rb").read(), channels=3, expand_animations=False)
+            for path in testing.photos().values()]
 
 
 def _write(folder: str, i: int, jpeg: bytes, copies: int) -> None:
@@ -129,14 +133,14 @@ def pipelines(shards: str, batch: int, threads: int) -> dict[str, tf.data.Datase
     pinned.autotune.enabled = False
     config = TrainConfig(dataset="imagenet", data_dir=shards, num_classes=1,
                          global_batch_size=batch, shuffle_buffer=1024, image_size=SIZE)
+    ours = data_lib.build(config, 0, 1, threads=threads).train
     return {
-        "lars_tf": data_lib.build(config, 0, 1, threads=threads).train,
+        "lars_tf": ours,
         "lars_tf --shuffle_buffer=1": data_lib.build(
             config.replace(shuffle_buffer=1), 0, 1, threads=threads).train,
         "lars_tf --normalize_on_device": data_lib.build(
             config.replace(normalize_on_device=True), 0, 1, threads=threads).train,
-        "lars_tf, autotune off": data_lib.build(config, 0, 1, threads=threads).train
-        .with_options(pinned),
+        "lars_tf, autotune off": ours.with_options(pinned),
         "Model Garden preprocess_for_train": bare(
             lambda b: preprocess_for_train(b, SIZE, mean_subtract=True, standardize=True)),
         "full decode (tf.io.decode_jpeg)": bare(lambda b: tf.io.decode_jpeg(b, channels=3)),
