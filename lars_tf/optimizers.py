@@ -11,8 +11,10 @@ from lars_tf import keras_compat
 from lars_tf.validation import check_number
 
 # Biases and normalisation scales/offsets: Keras names them `.../bias`, `.../gamma`,
-# `.../beta` (BatchNormalization, LayerNormalization, GroupNormalization), with `:0` on Keras 2.
-DEFAULT_EXCLUDE: tuple[str, ...] = (r"(^|/)bias(:\d+)?$", r"(^|/)(gamma|beta)(:\d+)?$")
+# `.../beta` (BatchNormalization, LayerNormalization, GroupNormalization), `.../scale`
+# (RMSNormalization) or `.../offset`, with `:0` on Keras 2.
+DEFAULT_EXCLUDE: tuple[str, ...] = (r"(^|/)bias(:\d+)?$",
+                                    r"(^|/)(gamma|beta|scale|offset)(:\d+)?$")
 
 TRUST_RATIO_MODES = ("paper", "decayed_gradient")
 _CLIPPING = ("clipnorm", "clipvalue", "global_clipnorm")
@@ -52,7 +54,8 @@ class LARS(keras_compat.OptimizerBase):
     Variables whose name (``dense/kernel``: Keras 3's ``path``, Keras 2's ``name``) matches
     a regex in ``exclude_from_weight_decay`` use ``wd = 0``;
     those matching ``exclude_from_layer_adaptation`` use ``trust = 1`` (plain momentum SGD
-    at the global rate). By default both lists hold biases and normalisation gamma/beta:
+    at the global rate). By default both lists hold biases and every normalisation layer's
+    scale and offset (``gamma``/``beta``, RMSNormalization's ``scale``, ``offset``):
     they are few parameters, their scale carries no meaning that a trust ratio should
     preserve, and decaying BatchNorm's gamma/beta only fights the normalisation (Jia et al.,
     Goyal et al.). Weight decay is applied only here: do not also add an L2 loss, and the

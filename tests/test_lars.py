@@ -261,3 +261,35 @@ def test_docstring_examples_run():
     for module in (optimizers, schedules):
         result = doctest.testmod(module, extraglobs={"tf": tf}, optionflags=doctest.ELLIPSIS)
         assert result.attempted >= 3 and result.failed == 0, (module.__name__, result)
+
+
+def test_every_normalization_layers_scale_and_offset_are_excluded_by_default():
+    """Every normalisation layer Keras ships (BatchNormalization, LayerNormalization,
+    GroupNormalization and, on Keras 3, RMSNormalization, whose ``scale`` got weight decay
+    and a trust ratio before) has its scale and offset excluded from both; a Dense kernel
+    is not."""
+    import keras
+
+    layers = [getattr(keras.layers, name) for name in dir(keras.layers)
+              if name.endswith("Normalization") and name not in (
+                  "SpectralNormalization",  # a wrapper: its weights are the wrapped layer's
+                  "UnitNormalization",      # no weights
+                  "Normalization")]         # preprocessing: non-trainable statistics
+    names = {layer.__name__ for layer in layers}
+    assert {"BatchNormalization", "LayerNormalization", "GroupNormalization"} <= names
+    if keras_compat.KERAS3:
+        assert "RMSNormalization" in names
+    opt = LARS(weight_decay=1e-4)
+    checked = 0
+    for layer_class in layers:
+        kwargs = {"groups": 2} if layer_class.__name__ == "GroupNormalization" else {}
+        layer = layer_class(**kwargs)
+        layer.build((None, 4))
+        for v in layer.trainable_weights:
+            assert not opt.uses_weight_decay(v), keras_compat.variable_path(v)
+            assert not opt.uses_layer_adaptation(v), keras_compat.variable_path(v)
+            checked += 1
+    assert checked >= 7
+    dense = keras.layers.Dense(2)
+    dense.build((None, 4))
+    assert opt.uses_weight_decay(dense.kernel) and opt.uses_layer_adaptation(dense.kernel)
