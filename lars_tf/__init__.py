@@ -19,6 +19,7 @@ if _KERAS3:  # registered for loading saved models; Horovod loads when it runs
     from lars_tf.distributed_optimizer import DistributedOptimizer  # noqa: E402, F401
 
 __all__ = [
+    "BroadcastState",
     *(["DistributedOptimizer"] if _KERAS3 else []),
     "LARS",
     "TrainConfig",
@@ -34,6 +35,10 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # The trainer imports Horovod; load it only when asked, so that LARS and the schedules
     # work in a plain TensorFlow process.
+    if name == "BroadcastState":
+        from lars_tf import callbacks
+
+        return callbacks.BroadcastState
     if name == "Trainer":
         from lars_tf import train
 

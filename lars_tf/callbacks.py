@@ -3,6 +3,8 @@
 Each works on every rank of a Horovod job (the ones that all-reduce must run on all ranks)
 and in a single process:
 
+- ``BroadcastState``: rank 0's complete state (weights, optimizer, loss scale) on every rank
+  when training starts.
 - ``CheckReplicas``: every N steps, stop if the ranks' weights or optimizer state differ.
 - ``AverageBatchNormStatistics``: at each epoch end, BatchNorm statistics become their mean
   over ranks.
@@ -32,6 +34,47 @@ from lars_tf.config import TrainConfig
 
 class ReplicasDiverged(RuntimeError):
     """The ranks no longer hold the same weights (``--check_replicas_every``)."""
+
+
+class BroadcastState(tf.keras.callbacks.Callback):
+    """Rank 0's complete state on every rank when training starts: every variable a
+    checkpoint of the model and its optimizer holds (weights, BatchNorm statistics, the
+    optimizer's slots and step counters, the loss scale), as ``lars_tf.distributed.
+    broadcast_state``. Add it to every rank's ``fit`` (Horovod's
+    ``BroadcastGlobalVariablesCallback`` works on Keras 2 only); ranks that started from
+    different random weights, or where only rank 0 loaded a checkpoint, then train as one.
+
+    It runs at the start of every ``fit``, so a model loaded on rank 0 between two ``fit``
+    calls is broadcast too. A model that is not built when training starts (a subclassed
+    model that was never called) gets its variables only in the first step: then the
+    broadcast follows that step, as Horovod's callback does, and the ranks end identical
+    all the same; build the model first (``model.build(shape)`` or one call) to broadcast
+    before any update.
+    """
+
+    def on_train_begin(self, logs=None):
+        self._pending = not self.model.built
+        if not self._pending:
+            distributed.broadcast_state(self.model, self.model.optimizer)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._pending:
+            self._pending = False
+            distributed.broadcast_state(self.model, self.model.optimizer)
+
+
+class ReseedLayers(tf.keras.callbacks.Callback):
+    """At each epoch's start, the random draws of ``model``'s layers (dropout) are seeded
+    from (``seed``, epoch): an epoch draws the same masks in a run that resumed before it as
+    in one that went straight through (Keras 3; see ``keras_compat.reseed_layers``). Give
+    each rank its own ``seed`` so that the ranks draw differently."""
+
+    def __init__(self, model, seed: int):
+        super().__init__()
+        self.layers_of, self.seed = model, seed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        keras_compat.reseed_layers(self.layers_of, self.seed, epoch)
 
 
 class StopOnNonFinite(tf.keras.callbacks.Callback):

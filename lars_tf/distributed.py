@@ -111,21 +111,22 @@ def wrap_optimizer(
             hvd.DistributedOptimizer(       # all-reduce (mean) of the scaled gradients
                 optimizer))                 # LARS, in float32
 
-    and on Keras 3, where Horovod's optimizer does not work (see
+    and on Keras 3, where Horovod's optimizer does not work, one optimizer that all-reduces
+    and, for mixed_float16, scales the loss around the all-reduce (see
     ``lars_tf.distributed_optimizer``)::
 
-        lars_tf.DistributedOptimizer(       # all-reduce (mean) of the scaled gradients
-            keras.optimizers.LossScaleOptimizer(   # only for mixed_float16
-                optimizer))
+        lars_tf.DistributedOptimizer(       # all-reduce (mean) of the scaled gradients,
+            optimizer,                      # then unscale, skip on Inf/NaN
+            loss_scale="dynamic")           # only for mixed_float16
 
     Either way the all-reduce sits between loss scaling and unscaling: gradients cross the
     wire scaled, which is what keeps small ones alive under ``fp16_allreduce``, and the
     overflow check runs on the all-reduced gradients, so every rank skips the same steps
-    (see ``lars_tf.precision``). The nesting differs because Keras 2's loss-scale
-    optimizer delegates computing the gradients (where Horovod all-reduces) to the one
-    inside it, while Keras 3's checks the finished gradients it is given; and Horovod
-    outside Keras 2's loss-scale optimizer cannot be built (Horovod rebuilds the wrapped
-    optimizer from its config, which that constructor does not take).
+    (see ``lars_tf.precision``). On Keras 2 the loss-scale optimizer delegates computing
+    the gradients (where Horovod all-reduces) to the one inside it; and Horovod outside
+    Keras 2's loss-scale optimizer cannot be built (Horovod rebuilds the wrapped optimizer
+    from its config, which that constructor does not take). Either stack is a loss-scale
+    optimizer at the top, so Keras' ``compile`` adds none of its own.
 
     With ``backward_passes_per_step = k`` each rank accumulates ``k`` local gradients and
     all-reduces their mean once; the loss scale then decides once per update.
@@ -148,11 +149,12 @@ def wrap_optimizer(
         from lars_tf.distributed_optimizer import DistributedOptimizer
 
         return DistributedOptimizer(
-            precision_lib.wrap_loss_scale(optimizer, precision),
+            optimizer,
             compression="fp16" if fp16_allreduce else "none",
             backward_passes_per_step=backward_passes_per_step,
             gradient_predivide_factor=gradient_predivide_factor,
-            sparse_as_dense=sparse_as_dense)
+            sparse_as_dense=sparse_as_dense,
+            loss_scale="dynamic" if precision_lib.needs_loss_scaling(precision) else "none")
     dist = hvd_keras.DistributedOptimizer(
         optimizer,
         compression=hvd_tf.Compression.fp16 if fp16_allreduce else hvd_tf.Compression.none,
@@ -219,9 +221,40 @@ def broadcast_object(obj, name: str):
     return hvd_tf.broadcast_object(obj, root_rank=0, name=name)
 
 
+# What a launcher (horovodrun, mpirun, srun) sets in each rank's environment: the job's size.
+_LAUNCHER_SIZE_VARIABLES = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+
+
+def launched_ranks() -> int:
+    """The number of ranks the launcher that started this process asked for (1 when no
+    launcher did)."""
+    sizes = [os.environ.get(v, "") for v in _LAUNCHER_SIZE_VARIABLES]
+    return max([int(s) for s in sizes if s.isdigit()] + [1])
+
+
+def is_initialized() -> bool:
+    """Whether Horovod has been started in this process (``lars_tf.init()``)."""
+    return hvd_tf.is_initialized()
+
+
 def size() -> int:
     """The number of ranks."""
     return hvd_tf.size()
+
+
+def size_or_one(where: str) -> int:
+    """The number of ranks; 1 in a plain process that no launcher started and that never
+    called ``lars_tf.init()`` (a world of one, where there is nothing to all-reduce). A
+    process that a launcher started as one of several ranks must call ``lars_tf.init()``
+    first: ``ValueError`` naming ``where`` otherwise."""
+    if hvd_tf.is_initialized():
+        return hvd_tf.size()
+    launched = launched_ranks()
+    if launched > 1:
+        raise ValueError(
+            f"{where}: this process is one of {launched} ranks, but Horovod was not started "
+            "in it: call lars_tf.init() at the top of the script, before building the model")
+    return 1
 
 
 def grouped_allreduce_sum(tensors: list, prescale_factor: float = 1.0,

@@ -132,7 +132,10 @@ def loss_scale_optimizer(optimizer, initial_scale: float, dynamic_growth_steps: 
 def find_loss_scale_optimizer(optimizer):
     """The loss-scale optimizer in a stack of wrapped optimizers, or None."""
     while optimizer is not None:
-        if isinstance(optimizer, _loss_scale_classes()):
+        # lars_tf.DistributedOptimizer is a Keras 3 loss-scale optimizer that scales only
+        # under mixed_float16
+        if isinstance(optimizer, _loss_scale_classes()) \
+                and getattr(optimizer, "scales_loss", True):
             return optimizer
         optimizer = getattr(optimizer, "inner_optimizer", None)
     return None
@@ -182,23 +185,27 @@ def compile_options() -> dict:
     return {"jit_compile": False, **({"auto_scale_loss": False} if KERAS3 else {})}
 
 
-def reseed_layers(model, seed: int) -> None:
-    """Seed the random draws of ``model``'s layers (dropout masks, ...) from ``seed``.
+def reseed_layers(model, seed: int, epoch: int = 0) -> None:
+    """Seed the random draws of ``model``'s layers (dropout masks, ...) for ``epoch`` from
+    ``seed``.
 
-    Keras 2 layers draw from TensorFlow's global generator, which
-    ``tf.keras.utils.set_random_seed`` seeds: nothing to do. Keras 3 layers each hold a
-    ``SeedGenerator`` whose state is a non-trainable variable (``.../seed_generator_state``),
-    seeded from Python's generator when the layer was made (and then, like every variable,
-    broadcast from rank 0): this gives the n-th one a state drawn from (``seed``, n), so
-    that ranks given different seeds draw differently and a rerun repeats them."""
+    Keras 3 layers each hold a ``SeedGenerator`` whose state is a non-trainable variable
+    (``.../seed_generator_state``), seeded from Python's generator when the layer was made
+    (and then, like every variable, broadcast from rank 0): this gives the n-th one a state
+    drawn from (``seed``, ``epoch``, n), so that ranks given different seeds draw
+    differently, and an epoch draws the same masks whether the run went straight through
+    or resumed from a checkpoint before it (reseeded at every epoch's start). Keras 2
+    layers draw from TensorFlow's global generator through stateful ops, whose state no
+    checkpoint holds: there nothing is done, and masks after a resume differ."""
     if not KERAS3:
         return
     states = [v for v in model.non_trainable_variables
               if v.path.endswith("seed_generator_state")]
     for n, state in enumerate(states):
         # the generator steps the state's second element: distinct first elements keep
-        # the layers' streams apart
-        state.assign(tf.constant([(seed * 1_000_003 + n) % 2 ** 31, 0], state.dtype))
+        # the layers' (and the epochs') streams apart
+        first = (seed * 1_000_003 + epoch * 7_919 + n) % 2 ** 31
+        state.assign(tf.constant([first, 0], state.dtype))
 
 
 def innermost_optimizer(optimizer):

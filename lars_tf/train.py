@@ -90,9 +90,9 @@ class Trainer:
         self.history = list(meta.get("history", []))
         distributed.broadcast_state(model, optimizer)
         # The initial weights came from --seed (and now from rank 0); what is drawn from
-        # here on (dropout masks) comes from (seed, rank), so ranks draw differently.
+        # here on (dropout masks) comes from (seed, rank), so ranks draw differently, and
+        # on Keras 3 from the epoch too (cb.ReseedLayers), so a resumed run repeats them.
         tf.keras.utils.set_random_seed(data_lib.rank_seed(config.seed, world.rank))
-        keras_compat.reseed_layers(model, data_lib.rank_seed(config.seed, world.rank))
         self.rank_settings = distributed.gather_object(distributed.rank_settings(),
                                                        name="lars_tf.rank_settings")
         end_epoch = config.stop_after_epoch or config.epochs
@@ -104,6 +104,7 @@ class Trainer:
         fp16 = config.precision == "mixed_float16"
         k = config.backward_passes_per_step
         callbacks = [
+            cb.ReseedLayers(model, data_lib.rank_seed(config.seed, world.rank)),
             *([cb.StopOnNonFinite(world.rank, datasets.steps_per_epoch)] if not fp16 else []),
             *([cb.StopOnStuckLossScale(config.max_skipped_updates, k, datasets.steps_per_epoch)]
               if fp16 and config.max_skipped_updates else []),

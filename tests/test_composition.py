@@ -114,7 +114,10 @@ def _moved(a, b):
 
 @pytest.mark.parametrize("extra", [(), ("fp16_allreduce",)])
 def test_overflow_on_one_rank_skips_the_step_on_both(tmp_path, extra):
-    n, weights, scales, _ = _overflow_run(tmp_path, 1, 2, *extra)
+    """...and the skipped update still counts for LARS's schedule, on both stacks (Keras 3's
+    own loss-scale optimizer did not count it, Keras 2's does): update j uses lr(j)."""
+    n, weights, scales, recs = _overflow_run(tmp_path, 1, 2, *extra)
+    assert [int(rec["lars_iterations"]) for rec in recs] == [4, 4]
     for p in range(n):  # identical across ranks after every step
         for a, b in zip(weights[0][p], weights[1][p]):
             np.testing.assert_array_equal(a, b, err_msg=f"ranks differ after step {p}")

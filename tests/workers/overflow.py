@@ -51,4 +51,6 @@ for p in range(4 * passes):
         record[f"p{p}_w{i}"] = w.numpy()
 record["passes"] = 4 * passes
 record["iterations"] = int(optimizer.iterations.numpy())
+# the optimizer that updates (LARS): its step counter drives the schedule
+record["lars_iterations"] = int(keras_compat.innermost_optimizer(optimizer).iterations.numpy())
 np.savez(f"{out_dir}/rank{world.rank}.npz", **record)
