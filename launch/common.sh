@@ -85,12 +85,14 @@ checked() {  # checked FLAG KIND VALUE: VALUE as the option stores it, or exit 2
     local dir
     case "$2" in
         value) printf '%s' "$3" ;;
-        uint) [[ "$3" =~ ^[0-9]+$ ]] || die "$1=$3: must be an integer >= 0"; printf '%s' "$3" ;;
+        # numbers are decimal whatever their leading zeros (bash reads 010 as octal 8)
+        uint) [[ "$3" =~ ^[0-9]+$ ]] || die "$1=$3: must be an integer >= 0"
+              printf '%d' "$(( 10#$3 ))" ;;
         number) [[ "$3" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "$1=$3: must be a number >= 0"
                 printf '%s' "$3" ;;
         mb) [[ "$3" =~ ^[0-9]+$ ]] || die "$1=$3: must be an integer >= 0"
-            printf '%d' "$(( $3 * 1024 * 1024 ))" ;;
-        preset) [[ -f "$PRESET_DIR/$3.env" ]] \
+            printf '%d' "$(( 10#$3 * 1024 * 1024 ))" ;;
+        preset) [[ "$3" =~ ^[A-Za-z0-9_-]+$ && -f "$PRESET_DIR/$3.env" ]] \
                     || die "$1=$3: unknown preset (choose one of: $(preset_names))"
                 printf '%s' "$3" ;;
         newfile) dir="$(dirname -- "$3")"
@@ -194,6 +196,33 @@ apply_settings() {  # after parse_args: the caller's HOROVOD_/NCCL_/KMP_/TF_* va
 }
 
 # ---- hosts: a list "host:slots,..." (slots 0: not given) ----------------------------
+valid_host() {  # valid_host NAME: an RFC 1123 host name or an IPv4 address (nothing that a
+    local label labels octet  # shell, ssh or a glob could read as anything else)
+    local name="$1"
+    if [[ "$name" =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]]; then
+        IFS=. read -ra labels <<< "$name"
+        for octet in "${labels[@]}"; do
+            [[ ${#octet} -le 3 ]] && (( 10#$octet <= 255 )) || return 1
+        done
+        return 0
+    fi
+    [[ ${#name} -ge 1 && ${#name} -le 253 && "$name" != .* && "$name" != *..* ]] || return 1
+    IFS=. read -ra labels <<< "${name%.}"
+    for label in "${labels[@]}"; do
+        [[ "$label" =~ ^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$ ]] || return 1
+    done
+}
+
+check_host() {  # check_host WHERE ENTRY HOST: exit 2 naming the entry unless HOST is valid
+    if [[ "$2" == *:*:* ]]; then
+        die "$1: '$2': IPv6 addresses cannot be given in host:slots lists (horovodrun" \
+            "and mpirun split them at every ':'): give the host's name"
+    fi
+    valid_host "$3" && return
+    die "$1: '$2': '$3' is not a host name (RFC 1123: letters, digits and '-' in" \
+        "dot-separated labels) or an IPv4 address"
+}
+
 host_list_arg() {  # host_list_arg FLAG "a:4,b,c:2": the list, every host with its slots
     local item h s out=() items
     IFS=',' read -r -a items <<< "$2"
@@ -201,8 +230,9 @@ host_list_arg() {  # host_list_arg FLAG "a:4,b,c:2": the list, every host with i
         [[ -n "$item" ]] || continue
         h="${item%%:*}" s=0
         [[ "$item" == *:* ]] && s="${item#*:}"
+        check_host "$1" "$item" "$h"
         [[ "$s" =~ ^[0-9]+$ ]] || die "$1: '$item': slots must be an integer (host:slots)"
-        out+=("$h:$s")
+        out+=("$h:$(( 10#$s ))")
     done
     [[ ${#out[@]} -gt 0 ]] || die "$1: no hosts given"
     (IFS=,; printf '%s' "${out[*]}")
@@ -222,8 +252,9 @@ hostfile_list() {  # hostfile_list FLAG FILE: lines "host slots=N", "host:N" or 
         elif [[ "$rest" =~ slots=([0-9]+) ]]; then
             s="${BASH_REMATCH[1]}"
         fi
+        check_host "$1=$file" "$line" "$h"
         [[ "$s" =~ ^[0-9]+$ ]] || die "$1=$file: line '$line': slots must be an integer"
-        out+=("$h:$s")
+        out+=("$h:$(( 10#$s ))")
     done < "$file"
     [[ ${#out[@]} -gt 0 ]] || die "$1=$file: the hostfile lists no hosts"
     (IFS=,; printf '%s' "${out[*]}")
@@ -288,7 +319,7 @@ remote_hosts() {  # remote_hosts LIST: the hosts that are not this one, a line e
 name_lost_hosts() {  # name_lost_hosts HOST...: say which hosts no longer answer ssh (5 s)
     local h i lost=() pids=()
     for h in "$@"; do
-        ssh -o BatchMode=yes -o ConnectTimeout=5 "$h" true >/dev/null 2>&1 &
+        ssh -o BatchMode=yes -o ConnectTimeout=5 -- "$h" true >/dev/null 2>&1 &
         pids+=($!)
     done
     i=0
@@ -327,7 +358,8 @@ show_and_run() {  # show_and_run CMD...: --dry-run prints, otherwise runs it
     wait "$child" || rc=$?
     while kill -0 "$child" 2>/dev/null; do wait "$child" || rc=$?; done  # after a signal
     trap - TERM INT HUP
-    # shellcheck disable=SC2086
-    (( rc == 0 )) || name_lost_hosts $REMOTE_HOSTS
+    local -a remote
+    mapfile -t remote <<< "$REMOTE_HOSTS"  # one a line: no word splitting, no globbing
+    (( rc == 0 )) || name_lost_hosts "${remote[@]}"
     exit "$rc"
 }

@@ -96,6 +96,20 @@ def test_dry_run_shows_every_setting_and_where_it_came_from():
     assert command.split()[-2:] == ["--model=resnet50", "--fp16_allreduce"]
 
 
+def test_hostfile_entries_are_validated_and_numbers_are_decimal(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("n1 slots=2\n* slots=2\n")
+    proc = subprocess.run([str(LAUNCH / "mpirun_cpu.sh"), "--hostfile", str(hostfile)],
+                          env=job_env(), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert f"--hostfile={hostfile}: '* slots=2': '*' is not a host name" in proc.stderr
+    env_lines, command = dry_run("horovodrun_gpu.sh", "-H", "n1.example.org:02,10.0.0.7",
+                                 "--fusion-threshold-mb", "010", "--cache-capacity", "08")
+    assert "export HOROVOD_FUSION_THRESHOLD=10485760  # flag" in env_lines  # not octal 8 MB
+    assert "export HOROVOD_CACHE_CAPACITY=8  # flag" in env_lines
+    assert "-H n1.example.org:2\\,10.0.0.7:" in command
+
+
 def fake_slurm(tmp_path):
     """A scontrol that expands the node list, as Slurm's would."""
     bin_dir = tmp_path / "bin"
@@ -141,6 +155,15 @@ GPU, CPU, SLURM = "horovodrun_gpu.sh", "mpirun_cpu.sh", "slurm.sbatch"
     (CPU, ["--cycle-time-ms", "-1"], "--cycle-time-ms=-1: must be a number"),
     (SLURM, [], "not inside a Slurm allocation"),
     (SLURM, ["--launcher", "ssh", "--dry-run"], "--launcher=ssh: must be srun or mpirun"),
+    # host entries reach ssh (the lost-host probe) and the launchers: an option or a glob
+    # in their place ran a command on this machine, or expanded to file names
+    (GPU, ["-H", "-oProxyCommand=touch${IFS}/tmp/x:1"],
+     "'-oProxyCommand=touch${IFS}/tmp/x' is not a host name"),
+    (CPU, ["-H", "a:2,*:2"], "-H: '*:2': '*' is not a host name"),
+    (GPU, ["-H", "h1;reboot"], "'h1;reboot' is not a host name"),
+    (GPU, ["-H", "300.1.1.1:2"], "'300.1.1.1' is not a host name"),
+    (GPU, ["-H", "fe80::1"], "IPv6 addresses cannot be given in host:slots lists"),
+    (GPU, ["--preset", "../presets/ethernet"], "--preset=../presets/ethernet: unknown preset"),
 ])
 def test_bad_input_fails_before_anything_starts(script, args, message, tmp_path):
     env = job_env()
