@@ -47,10 +47,22 @@ def test_cluster_refuses_bad_requests(tmp_path):
     assert proc.returncode != 0 and "N must be 1..32" in proc.stderr
     proc = _cluster(env, "up", "2", "100gbe", check=False)
     assert proc.returncode != 0 and "link '100gbe'" in proc.stderr
-    proc = subprocess.run(["runuser", "-u", "nobody", "--", CLUSTER, "up", "2"], env=env,
-                          text=True, capture_output=True, timeout=60)
+    # the script read from stdin: `nobody` may not enter the folder of the checkout (a
+    # clone under mktemp -d), and the test is of the script, not of that folder's mode
+    with open(CLUSTER) as script:
+        proc = subprocess.run(["runuser", "-u", "nobody", "--", "bash", "-s", "--", "up", "2"],
+                              stdin=script, env=env, text=True, capture_output=True,
+                              timeout=60)
     assert proc.returncode != 0 and "needs root" in proc.stderr
     assert not state.exists()
+    # a folder the cluster did not make is neither reused by up nor deleted by down
+    state.mkdir()
+    (state / "precious").write_text("kept")
+    proc = _cluster(env, "up", "1", check=False)
+    assert proc.returncode != 0 and "exists" in proc.stderr
+    proc = _cluster(env, "down", check=False)
+    assert proc.returncode != 0 and "was not made by tools/cluster.sh up" in proc.stderr
+    assert (state / "precious").read_text() == "kept"
 
 
 def test_cluster_down_leaves_nothing_behind_even_after_a_host_is_killed(tmp_path):

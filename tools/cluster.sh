@@ -27,6 +27,8 @@ DIR=${LARS_TF_CLUSTER_DIR:-/tmp/lars_tf_cluster}
 SWITCH=lars-switch
 NET=198.18.0
 
+MARKER=.made-by-lars_tf-cluster  # in $DIR: what `down` may delete
+
 die() { echo "cluster.sh: $*" >&2; exit 2; }
 
 hosts() { [[ -f $DIR/hosts ]] && cat "$DIR/hosts"; true; }
@@ -54,11 +56,15 @@ up() {
     [[ $n =~ ^[0-9]+$ && $n -ge 1 && $n -le 32 ]] || die "up N: N must be 1..32 hosts, got '${n}'"
     case $link in none|10gbe|1gbe) ;; *) die "link '$link': choose none, 10gbe or 1gbe (no latency: this kernel has no netem)" ;; esac
     check_can_run
-    [[ -e $DIR ]] && die "$DIR exists: a cluster is up (tools/cluster.sh down first)"
     local i
     for i in $(seq 1 "$n"); do
         ip netns list | grep -qw "h$i" && die "a network namespace h$i exists already (not ours: $DIR is missing)"
     done
+    # made in one step, private, and only if absent: a second `up` (or anyone else's
+    # folder of that name) is refused, never reused
+    mkdir -m 700 "$DIR" 2>/dev/null \
+        || die "$DIR exists: a cluster is up, or the folder is not ours (tools/cluster.sh down first)"
+    : > "$DIR/$MARKER"
     mkdir -p "$DIR/bin" /run/sshd
     trap 'down >/dev/null 2>&1 || true' EXIT  # a failure (die, too) leaves nothing
     ssh-keygen -q -t ed25519 -N "" -C lars_tf-cluster -f "$DIR/client_key"
@@ -228,10 +234,20 @@ status() {
 }
 
 down() {
-    local h pids
+    local h pid pids=() deadline
+    if [[ -e $DIR && ! -f $DIR/$MARKER ]]; then
+        die "LARS_TF_CLUSTER_DIR=$DIR was not made by tools/cluster.sh up: not deleting it"
+    fi
     for h in $(hosts); do
-        pids=$(ip netns pids "$h" 2>/dev/null || true)
-        [[ -n $pids ]] && kill -9 $pids 2>/dev/null || true
+        mapfile -t -O "${#pids[@]}" pids < <(ip netns pids "$h" 2>/dev/null || true)
+    done
+    (( ${#pids[@]} )) && kill -9 "${pids[@]}" 2>/dev/null || true
+    # the daemons (sshd, slurmd, ...) are gone before down returns, not seconds later
+    deadline=$((SECONDS + 30))
+    for pid in "${pids[@]}"; do
+        while [[ -e /proc/$pid ]] && (( SECONDS < deadline )); do sleep 0.05; done
+    done
+    for h in $(hosts); do
         ip netns del "$h" 2>/dev/null || true
         rm -rf "/etc/netns/$h"
     done
