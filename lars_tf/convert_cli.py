@@ -12,11 +12,15 @@ flags.DEFINE_enum("split", "train", ["train", "validation"], "Which split the sh
 flags.DEFINE_integer("num_shards", 8, "Shard files to write.")
 flags.DEFINE_integer("workers", 0, "Worker processes (0: one per core).")
 flags.DEFINE_integer("seed", 0, "Seed of the shuffle that spreads classes over shards.")
+flags.DEFINE_bool("overwrite", False,
+                  "Replace the --split shards already in --output_dir, as one set (without "
+                  "it, a folder that holds some is refused: training would read both).")
 flags.DEFINE_bool("verify", False,
                   "Convert nothing: check every shard in --output_dir against the index "
-                  "lars-convert wrote beside it (size and sha256, reading every byte), e.g. "
-                  "after copying shards to a cluster. Exit status 1 names each shard that "
-                  "does not match.")
+                  "lars-convert wrote beside it (size, sha256, record count and label range, "
+                  "reading every byte), e.g. after copying shards to a cluster; also name "
+                  "missing shards of a set, two sets of a split, shards of another class "
+                  "list and indexes without their shard. Exit status 1 names each problem.")
 FLAGS = flags.FLAGS
 
 
@@ -43,7 +47,8 @@ def _main(argv):
 
     try:
         report = convert(FLAGS.input_dir, FLAGS.output_dir, FLAGS.split, FLAGS.num_shards,
-                         FLAGS.workers or None, FLAGS.seed, progress=_bar)
+                         FLAGS.workers or None, FLAGS.seed, progress=_bar,
+                         overwrite=FLAGS.overwrite)
     except (ValueError, FileNotFoundError) as e:
         logging.error("%s", e)
         sys.exit(2)
@@ -55,6 +60,11 @@ def _main(argv):
     if report.skipped:
         logging.warning("%d unreadable images skipped; listed in %s/report-%s.json",
                         len(report.skipped), FLAGS.output_dir, FLAGS.split)
+    if report.stale_validation:
+        logging.warning("the %d validation shards in %s were converted with another class "
+                        "list than this train split's: training refuses them until you "
+                        "convert the validation split again (--split=validation --overwrite)",
+                        len(report.stale_validation), FLAGS.output_dir)
 
 
 def _verify():
@@ -71,8 +81,8 @@ def _verify():
     for shard, why in problems:
         logging.error("%s: %s", shard, why)
     if problems:
-        logging.error("%d shards do not match their index: convert them again, or copy "
-                      "them again from the originals", len(problems))
+        logging.error("%d problems: convert the shards again, or copy them again from the "
+                      "originals", len(problems))
         sys.exit(1)
     logging.info("every shard in %s matches its index", FLAGS.output_dir)
 

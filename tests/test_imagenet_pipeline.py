@@ -574,24 +574,27 @@ def test_lars_convert_verify_names_a_shard_that_changed(shards, tmp_path):
 def test_a_validated_shard_still_has_every_label_and_crc_checked(tmp_path, capfd):
     """Trusting a shard drops the JPEG structure check only: a label beyond the range its
     index claims still stops training, naming the record, and a record damaged after
-    conversion (same size: the index still matches) is skipped and named."""
+    conversion in the middle of the shard (same size, outside the 64 KiB at either end that
+    the index fingerprints: the index still matches) is skipped and named."""
     from lars_tf.data import shard_index
 
-    root = _id_shards(tmp_path / "shards", 2, records=40)
-    for f in imagenet.split_files(str(root), "train") + imagenet.split_files(
-            str(root), "validation"):
-        shard_index.write(f, 20, [0, 29])  # a forged index: records of ids 0..39 claim 0..29
+    root = _id_shards(tmp_path / "shards", 2, records=80)  # 2 x 40 records, ~217 KB each
+    classes = [str(i) for i in range(80)]
+    for f in imagenet.split_files(str(root), "train"):
+        shard_index.write(f, 40, [0, 29], classes)  # forged: records of ids 0..79 claim 0..29
+    shard_index.write(str(root / "validation-00000-of-00001"), 80, [0, 29], classes)
     d = data_lib.build(_config(root, num_classes=30, global_batch_size=2), 0, 1)
     with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"label out of range in \S*-0000\d-of-0000\d\S* record \d+ label 3\d"):
+                       match=r"label out of range in \S*-0000\d-of-0000\d\S* record \d+ "
+                             r"label [3-7]\d"):
         for _ in d.train.take(d.steps_per_epoch):
             pass
 
     _damage(root / "train-00001-of-00002")
     assert shard_index.read(str(root / "train-00001-of-00002"))[0] is not None
-    config = _config(root, num_classes=40, global_batch_size=2)
+    config = _config(root, num_classes=80, global_batch_size=2)
     d = data_lib.build(config, 0, 1)
-    assert d.steps_per_epoch == 20  # from the indexes: 40 records, before any is read
+    assert d.steps_per_epoch == 40  # from the indexes: 80 records, before any is read
     first, second = _epoch_labels(d, 0), _epoch_labels(d, 1)
     assert int(d.skipped.numpy()) >= 1
     err = capfd.readouterr().err
@@ -600,7 +603,7 @@ def test_a_validated_shard_still_has_every_label_and_crc_checked(tmp_path, capfd
     # every record of the whole shard (the even ids) and some of the damaged one; the
     # epoch filled from its own records, so that the next epoch is what a run resumed
     # there reads
-    assert len(first) == 40 and set(range(0, 40, 2)) < set(first) < set(range(40))
+    assert len(first) == 80 and set(range(0, 80, 2)) < set(first) < set(range(80))
     np.testing.assert_array_equal(
         second, _epoch_labels(data_lib.build(config, 0, 1, initial_epoch=1), 0))
 
@@ -659,3 +662,100 @@ def test_dct_scaled_decode_matches_a_full_decode(tmp_path):
     np.testing.assert_array_equal(
         pre.decode_resized(small, tf.image.extract_jpeg_shape(small), window, 224),
         tf.image.resize(tf.image.decode_and_crop_jpeg(small, window, channels=3), [224, 224]))
+
+
+# --- an index that cannot change what is trained (issue: no sharp edges) ------------------
+
+def _edit_index(shard, **fields):
+    path = f"{shard}.index.json"
+    raw = json.loads(open(path).read())
+    raw.update(fields)
+    open(path, "w").write(json.dumps(raw))
+
+
+def test_an_index_promising_more_records_than_its_shard_holds_stops_the_run(shards,
+                                                                              tmp_path):
+    """An inflated ``records`` field made an epoch many more steps long, filled by
+    repeating the shard's images; the reader counts what it meets and names the shard."""
+    root = _copy_converted(shards, tmp_path / "copy")
+    shard = root / "train-00001-of-00004"
+    _edit_index(shard, records=500)
+    d = data_lib.build(_config(root), 0, 1)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"train-00001-of-00004: its lars-convert index promises 500 "
+                             r"records, the file holds \d+ \(the index does not describe"):
+        for _ in d.train.take(d.steps_per_epoch):
+            pass
+
+
+def test_a_shard_rewritten_at_the_same_size_is_not_trusted(shards, tmp_path):
+    """The index is tied to its shard by the size and a hash of each end: a shard rewritten
+    at the same size (here a byte of its first record) gets the full checks, and says why."""
+    from lars_tf.data import shard_index
+
+    root = _copy_converted(shards, tmp_path / "copy")
+    shard = root / "train-00000-of-00004"
+    _damage(shard, at=0.01)
+    index, why = shard_index.read(str(shard))
+    assert index is None and "first or last 64 KiB differ" in why
+    _, untrusted = imagenet.read_indexes(imagenet.split_files(str(root), "train"))
+    assert list(untrusted) == [str(shard)]
+
+
+def test_lars_convert_refuses_a_folder_with_another_set_and_overwrite_replaces_it(
+        shards, image_folder, tmp_path):
+    """Converting into a folder with an older set kept both (every image read twice an
+    epoch): refused, naming the old set; --overwrite leaves exactly the new set."""
+    from lars_tf.data.convert import convert
+
+    out = _copy_converted(shards, tmp_path / "copy")
+    with pytest.raises(ValueError, match=r"holds 4 train shards already \(e\.g\. "
+                                         r"train-00000-of-00004\).*--overwrite"):
+        convert(str(image_folder), str(out), "train", num_shards=2, workers=1)
+    assert len(imagenet.split_files(str(out), "train")) == 4  # nothing touched
+    convert(str(image_folder), str(out), "train", num_shards=2, workers=1, overwrite=True)
+    files = imagenet.split_files(str(out), "train")
+    assert [os.path.basename(f) for f in files] == ["train-00000-of-00002",
+                                                     "train-00001-of-00002"]
+    assert sorted(glob.glob(str(out / "train-*.index.json"))) == [
+        f + ".index.json" for f in files]
+    assert data_lib.build(_config(out), 0, 1).train_examples == 3 * PER_CLASS + 6
+
+
+def test_train_and_validation_of_different_class_lists_are_refused(shards, image_folder,
+                                                                   tmp_path):
+    """Re-converting train with another class list silently relabelled the old validation
+    shards; each index records its class list's hash, and training refuses the pair."""
+    import shutil
+
+    from lars_tf.data.convert import convert
+
+    out = _copy_converted(shards, tmp_path / "copy")
+    more = tmp_path / "more"
+    shutil.copytree(image_folder, more)
+    shutil.copytree(more / "class_0", more / "class_00")  # a new class, label 1
+    report = convert(str(more), str(out), "train", num_shards=2, workers=1, overwrite=True)
+    assert sorted(report.stale_validation) == imagenet.split_files(str(out), "validation")
+    with pytest.raises(ValueError, match=r"validation-0000\d-of-00002 was converted with "
+                                         r"another class list than .*train-0000\d-of-00002"):
+        data_lib.build(_config(out, num_classes=4), 0, 1)
+
+
+def test_lars_convert_verify_names_every_kind_of_mismatch(shards, tmp_path):
+    root = _copy_converted(shards, tmp_path / "copy")
+    _edit_index(root / "train-00000-of-00004", records=7)       # the count
+    _edit_index(root / "train-00001-of-00004", label_max=2000)  # the label range
+    os.remove(root / "train-00002-of-00004")                    # a shard of the set
+    (root / "validation-00000-of-00003").write_bytes(b"")       # a second set
+    proc = subprocess.run([str(BIN / "lars-convert"), "--verify", f"--output_dir={root}"],
+                          env=job_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    err = proc.stderr
+    assert re.search(r"train-00000-of-00004: holds \d+ records, its index says 7", err), err
+    assert re.search(r"train-00001-of-00004: its labels run from 0 to 2, its index says "
+                     r"0 to 2000", err), err
+    assert "train-00002-of-00004: missing (its set has the others)" in err
+    assert "train-00002-of-00004.index.json: an index whose shard is gone" in err
+    assert "validation-00000-of-00003: no index" in err
+    assert "two or more shard sets of validation (-of-00002, -of-00003)" in err
+    assert "train-00003-of-00004" not in err

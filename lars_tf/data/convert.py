@@ -13,10 +13,12 @@ training every image in it was decoded here, so training need not check them aga
 
 from __future__ import annotations
 
+import glob
 import json
 import multiprocessing
 import os
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +34,7 @@ class Report:
     shards: list[str] = field(default_factory=list)
     reencoded: list[str] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # {"file": ..., "error": ...}
+    stale_validation: list[str] = field(default_factory=list)  # of another class list
 
 
 def list_images(input_dir: str, classes: list[str] | None = None
@@ -122,22 +125,45 @@ def _write_shard(job) -> dict:
             labels.append(label)
     shard_index.remove(path)  # an old index must never describe the new shard
     os.replace(tmp, path)
-    shard_index.write(path, done["written"], labels)
+    shard_index.write(path, done["written"], labels, classes)
     return done
+
+
+_SHARD_NAME = re.compile(r"^(train|validation)-(\d{5})-of-(\d{5})$")
+
+
+def existing_shards(output_dir: str, split: str) -> list[str]:
+    """The shard files of ``split`` already in ``output_dir`` (any shard count)."""
+    return sorted(f for f in glob.glob(os.path.join(output_dir, f"{split}-*-of-*"))
+                  if _SHARD_NAME.match(os.path.basename(f)))
 
 
 def convert(input_dir: str, output_dir: str, split: str = "train", num_shards: int = 8,
             workers: int | None = None, seed: int = 0,
-            progress: Callable[[int, int], None] | None = None) -> Report:
+            progress: Callable[[int, int], None] | None = None,
+            overwrite: bool = False) -> Report:
     """Write ``output_dir/{split}-NNNNN-of-MMMMM`` shards and ``report-{split}.json``, and
     for the train split ``labels.txt`` (the validation split reads it: convert train
-    first); ``progress(done_shards, num_shards)`` is called as shards end."""
+    first); ``progress(done_shards, num_shards)`` is called as shards end.
+
+    A folder that holds shards of ``split`` already (an earlier conversion, of any shard
+    count) is refused, as training would read both sets; ``overwrite`` replaces them as
+    one set (the old shards not overwritten by name are removed once the new set is
+    complete). A train conversion whose class list differs from the validation shards'
+    in the folder is done, and ``Report.stale_validation`` names them: training refuses
+    them until the validation split is converted again."""
     if split not in ("train", "validation"):
         raise ValueError(f"--split={split!r}: must be train or validation")
     if num_shards < 1:
         raise ValueError(f"--num_shards={num_shards}: must be >= 1")
     classes, items = list_images(
         input_dir, read_labels(output_dir) if split == "validation" else None)
+    old = existing_shards(output_dir, split) if os.path.isdir(output_dir) else []
+    if old and not overwrite:
+        raise ValueError(
+            f"--output_dir={output_dir!r} holds {len(old)} {split} shards already (e.g. "
+            f"{os.path.basename(old[0])}): training would read both sets. Pass --overwrite "
+            "to replace them, or choose another --output_dir")
     random.Random(seed).shuffle(items)  # shards mix the classes
     os.makedirs(output_dir, exist_ok=True)
     jobs = [(os.path.join(output_dir, f"{split}-{i:05d}-of-{num_shards:05d}"),
@@ -153,7 +179,17 @@ def convert(input_dir: str, output_dir: str, split: str = "train", num_shards: i
             report.skipped += done["skipped"]
             if progress:
                 progress(n, num_shards)
+    from lars_tf.data import shard_index
+
+    for f in set(old) - set(report.shards):  # the replaced set's other shards
+        shard_index.remove(f)
+        os.remove(f)
     if split == "train":
+        digest = shard_index.classes_digest(classes)
+        for f in existing_shards(output_dir, "validation"):
+            index, _ = shard_index.read(f)
+            if index is not None and index.classes_sha256 != digest:
+                report.stale_validation.append(f)
         tmp = os.path.join(output_dir, LABELS_FILE + ".tmp")
         with open(tmp, "w") as f:
             f.write("\n".join(classes) + "\n")
@@ -164,9 +200,14 @@ def convert(input_dir: str, output_dir: str, split: str = "train", num_shards: i
 
 
 def verify(output_dir: str) -> list[tuple[str, str]]:
-    """Check every shard in ``output_dir`` against its index (size and sha256; reads every
-    byte once, e.g. after copying the shards to a cluster's disks): ``[(shard, problem)]``,
-    empty when all match. A shard without an index is a problem too."""
+    """Check the shards in ``output_dir`` against their indexes, reading every byte once
+    (e.g. after copying the shards to a cluster's disks): ``[(file, problem)]``, empty when
+    all match. Problems: a shard without an index, or whose size, sha256, record count or
+    label range is not its index's; a shard of a set (``-of-M``) that is missing; two sets
+    of one split; an index whose shard is gone; shards of another class list than the
+    others."""
+    import tensorflow as tf
+
     from lars_tf.data import imagenet, shard_index
 
     files = []
@@ -178,4 +219,42 @@ def verify(output_dir: str) -> list[tuple[str, str]]:
     if not files:
         raise FileNotFoundError(f"--output_dir={output_dir!r} has no train or validation "
                                 "shards to verify")
-    return [(f, why) for f in files if (why := shard_index.verify(f))]
+    problems = []
+    digests = {}
+    for f in files:
+        why = shard_index.verify(f)
+        if why:
+            problems.append((f, why))
+            continue
+        index, _ = shard_index.read(f)
+        labels = [int(tf.train.Example.FromString(r.numpy()).features
+                      .feature["image/class/label"].int64_list.value[0])
+                  for r in tf.data.TFRecordDataset(f)]
+        if len(labels) != index.records:
+            problems.append((f, f"holds {len(labels)} records, its index says "
+                                f"{index.records}"))
+        elif labels and (min(labels), max(labels)) != (index.label_min, index.label_max):
+            problems.append((f, f"its labels run from {min(labels)} to {max(labels)}, its "
+                                f"index says {index.label_min} to {index.label_max}"))
+        digests.setdefault(index.classes_sha256, f)
+    if len(digests) > 1:
+        a, b = list(digests.values())[:2]
+        problems.append((b, f"converted with another class list than {a}"))
+    for split in ("train", "validation"):
+        sets: dict[int, set[int]] = {}
+        for f in existing_shards(output_dir, split):
+            m = _SHARD_NAME.match(os.path.basename(f))
+            sets.setdefault(int(m.group(3)), set()).add(int(m.group(2)))
+        if len(sets) > 1:
+            names = ", ".join(f"-of-{m:05d}" for m in sorted(sets))
+            problems.append((os.path.join(output_dir, f"{split}-*"),
+                             f"two or more shard sets of {split} ({names}): training reads "
+                             "them all"))
+        for total, have in sets.items():
+            problems += [(os.path.join(output_dir, f"{split}-{i:05d}-of-{total:05d}"),
+                          "missing (its set has the others)")
+                         for i in range(total) if i not in have]
+    for path in sorted(glob.glob(os.path.join(output_dir, "*" + shard_index.SUFFIX))):
+        if not os.path.exists(path[:-len(shard_index.SUFFIX)]):
+            problems.append((path, "an index whose shard is gone"))
+    return problems

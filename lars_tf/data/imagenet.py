@@ -174,11 +174,39 @@ def clean_message(message: str) -> str:
 
 def size_table(files: list[str]) -> tf.lookup.StaticHashTable:
     """File path -> size in bytes, for ``records`` to tell a complete file from a cut one."""
+    return path_table(files, [os.path.getsize(f) for f in files])
+
+
+def path_table(files: list[str], values: list[int]) -> tf.lookup.StaticHashTable:
+    """File path -> an int64 per file (-1 for a path not in ``files``)."""
     return tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(
-            tf.constant(list(files)), tf.constant([os.path.getsize(f) for f in files],
-                                                  tf.int64)),
+        tf.lookup.KeyValueTensorInitializer(tf.constant(list(files), tf.string),
+                                            tf.constant(list(values), tf.int64)),
         default_value=-1)
+
+
+def check_index_classes(train: list[str], validation: list[str], trusted: dict) -> None:
+    """Train and validation shards indexed against different class lists (train converted
+    again with other classes, over old validation shards) would score the model against
+    labels that mean other classes: refused, naming a shard of each."""
+    def first_by_digest(files):
+        found = {}
+        for f in files:
+            if f in trusted:
+                found.setdefault(trusted[f].classes_sha256, f)
+        return found
+
+    train_lists, eval_lists = first_by_digest(train), first_by_digest(validation)
+    for split, lists in (("train", train_lists), ("validation", eval_lists)):
+        if len(lists) > 1:
+            a, b = list(lists.values())[:2]
+            raise ValueError(f"the {split} shards {a} and {b} were converted with different "
+                             "class lists: convert the split again, as one set")
+    if train_lists and eval_lists and train_lists.keys() != eval_lists.keys():
+        raise ValueError(
+            f"{next(iter(eval_lists.values()))} was converted with another class list than "
+            f"{next(iter(train_lists.values()))} (labels.txt changed since): convert the "
+            "validation split again with lars-convert --split=validation")
 
 
 def read_block(record_bytes: float, target: int = 4 << 20, most: int = 64) -> int:
@@ -227,7 +255,8 @@ def file_assignment(num_files: int, rank: int, size: int) -> list[tuple[int, int
 def records(files, deterministic: bool, cycle_length: int = 16, strict: bool = False,
             skipped: tf.Variable | None = None,
             sizes: tf.lookup.StaticHashTable | None = None,
-            strides=None, offsets=None, block: int = 64) -> tf.data.Dataset:
+            strides=None, offsets=None, block: int = 64,
+            counts: tf.lookup.StaticHashTable | None = None) -> tf.data.Dataset:
     """``(serialized, file, index_in_file)`` from ``files``, interleaved in parallel; of
     file ``k`` only the records ``i`` with ``i % strides[k] == offsets[k]`` (all of them by
     default; see ``file_assignment``). Each file is read ``block`` records at a time
@@ -238,6 +267,11 @@ def records(files, deterministic: bool, cycle_length: int = 16, strict: bool = F
     are compared with the file's size, and a shortfall is reported on stderr naming the
     file and the byte offset of the damage, and counted in ``skipped`` (one per file). With
     ``strict`` it is an ``InvalidArgumentError`` naming the file and offset.
+
+    ``counts`` (a ``path_table``): the records a file's lars-convert index promises. A
+    whole file that holds another number ends the run with an ``InvalidArgumentError``
+    naming it (the index does not describe the file; the epoch's steps were counted from
+    it).
 
     ``files``: a list of paths, or a tensor of them (then give ``sizes``, a ``size_table``
     made outside any tf.data function)."""
@@ -268,6 +302,18 @@ def records(files, deterministic: bool, cycle_length: int = 16, strict: bool = F
             read_to = done + tf.reduce_sum(
                 tf.cast(tf.strings.length(chunk), tf.int64) + 16)
             short = tf.logical_and(tf.equal(n, 0), read_to != expected)
+            checks = []
+            if counts is not None:
+                promised = counts.lookup(path)
+                miscounted = tf.logical_and(
+                    tf.logical_and(tf.equal(n, 0), tf.logical_not(short)),
+                    tf.logical_and(promised >= 0, tf.not_equal(count, promised)))
+                checks.append(pipeline.fail_unless(
+                    tf.logical_not(miscounted), lambda: tf.strings.join([
+                        path, ": its lars-convert index promises ",
+                        tf.strings.as_string(promised), " records, the file holds ",
+                        tf.strings.as_string(count), " (the index does not describe this "
+                        "file: run lars-convert --verify, or convert it again)"])))
             if strict:
                 ok = pipeline.fail_unless(tf.logical_not(short), lambda: tf.strings.join([
                     "damaged or truncated TFRecord file ", path, " at byte offset ",
@@ -285,7 +331,7 @@ def records(files, deterministic: bool, cycle_length: int = 16, strict: bool = F
 
                 ok = tf.cond(short, say, lambda: tf.constant(True))
             index = count + tf.range(n)
-            with tf.control_dependencies([ok]):
+            with tf.control_dependencies([ok, *checks]):
                 index = tf.identity(index)
 
             def strided():  # copies the records kept: only for a file split by record
@@ -324,6 +370,7 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
     trusted, untrusted = read_indexes(files + eval_files)
     log_untrusted(rank, untrusted, len(files + eval_files))
     check_index_labels(trusted, config.num_classes, config.label_offset)
+    check_index_classes(files, eval_files, trusted)
     check_labels([f for f in files + eval_files if f in untrusted], config.num_classes,
                  config.label_offset, strict=config.strict_data)
     examples = config.train_examples or (
@@ -340,6 +387,8 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
              if any(f in untrusted for f in names) else None
              for split, names in (("train", files), ("validation", eval_files))}
     sizes = size_table(files + eval_files)
+    promised = [f for f in files + eval_files if f in trusted]
+    counts = path_table(promised, [trusted[f].records for f in promised]) if promised else None
 
     def mine_of(paths, assignment, deterministic):
         """This rank's serialized records of ``paths`` (a tensor, in the epoch's order)."""
@@ -347,7 +396,7 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
             else ([], [], [])
         return records(tf.gather(paths, tf.constant(positions, tf.int64)), deterministic,
                        strict=config.strict_data, skipped=skipped, sizes=sizes,
-                       strides=strides, offsets=offsets, block=block)
+                       strides=strides, offsets=offsets, block=block, counts=counts)
 
     def parse_train(place, record):
         r, p, i = record

@@ -3,17 +3,23 @@ validated once, at conversion, so that training need not check each record every
 
 ``train-00000-of-00008`` gets ``train-00000-of-00008.index.json``::
 
-    {"format": "lars_tf.shard_index/1", "records": 160, "bytes": 7340032,
-     "sha256": "...", "label_min": 0, "label_max": 2,
+    {"format": "lars_tf.shard_index/2", "records": 160, "bytes": 7340032,
+     "sha256": "...", "head_sha256": "...", "tail_sha256": "...",
+     "label_min": 0, "label_max": 2, "classes_sha256": "...",
      "validated": "every image decoded by lars-convert"}
 
-A shard is *trusted* when its index exists, is of this format and records the shard's
-current size in bytes (a stat; nothing is read). Then training takes its record count and
-label range from the index (no pass over the data before training) and skips the per-record
-JPEG structure check. ``sha256`` covers the whole shard for ``lars-convert --verify``
-(after a copy to a cluster's disks), which reads every byte once. A shard without a
+A shard is *trusted* when its index exists, is of this format, and records the shard's
+current size and the sha256 of its first and last 64 KiB (a stat and two small reads: a
+fingerprint that a shard rewritten at the same size fails). Then training takes its record
+count and label range from the index (no pass over the data before training) and skips the
+per-record JPEG structure check; the reader still counts the records it meets in the file
+and stops the run, naming the shard, when they are not the index's count (an index edited
+or meant for another shard). ``sha256`` covers the whole shard for ``lars-convert
+--verify`` (after a copy to a cluster's disks), which reads every byte once.
+``classes_sha256`` is the hash of the class list the labels index (``labels.txt``): train
+and validation shards of different class lists are refused together. A shard without a
 matching index (other ImageNet TFRecords, an interrupted conversion, a shard rewritten
-since) gets the full checks.
+since, an index of an older format) gets the full checks.
 
 The index is written after its shard is complete, to a temporary name renamed into place,
 and an older index is removed before its shard is replaced: an index never describes a
@@ -27,8 +33,9 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-FORMAT = "lars_tf.shard_index/1"
+FORMAT = "lars_tf.shard_index/2"
 SUFFIX = ".index.json"
+END_BLOCK = 1 << 16  # the fingerprint: sha256 of the first and of the last 64 KiB
 
 
 @dataclass(frozen=True)
@@ -36,10 +43,27 @@ class ShardIndex:
     records: int
     bytes: int
     sha256: str
+    head_sha256: str
+    tail_sha256: str
     label_min: int
     label_max: int
+    classes_sha256: str
     validated: str = "every image decoded by lars-convert"
     format: str = FORMAT
+
+
+def classes_digest(classes: list[str]) -> str:
+    """The hash of a class list (label order), as indexes record it."""
+    return hashlib.sha256("\n".join(classes).encode()).hexdigest()
+
+
+def fingerprint(path: str) -> tuple[str, str]:
+    """sha256 of the first and of the last ``END_BLOCK`` bytes of ``path``."""
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(END_BLOCK)).hexdigest()
+        f.seek(max(0, os.fstat(f.fileno()).st_size - END_BLOCK))
+        tail = hashlib.sha256(f.read(END_BLOCK)).hexdigest()
+    return head, tail
 
 
 def path_of(shard: str) -> str:
@@ -62,11 +86,14 @@ def remove(shard: str) -> None:
         pass
 
 
-def write(shard: str, records: int, labels: list[int]) -> ShardIndex:
-    """Index the complete file ``shard`` (``records`` validated records with ``labels``)."""
+def write(shard: str, records: int, labels: list[int], classes: list[str]) -> ShardIndex:
+    """Index the complete file ``shard`` (``records`` validated records with ``labels``,
+    which index ``classes``)."""
+    head, tail = fingerprint(shard)
     index = ShardIndex(records=records, bytes=os.path.getsize(shard),
-                       sha256=sha256_of(shard),
-                       label_min=min(labels, default=0), label_max=max(labels, default=-1))
+                       sha256=sha256_of(shard), head_sha256=head, tail_sha256=tail,
+                       label_min=min(labels, default=0), label_max=max(labels, default=-1),
+                       classes_sha256=classes_digest(classes))
     tmp = path_of(shard) + ".tmp"
     with open(tmp, "w") as f:
         json.dump(asdict(index), f, indent=1)
@@ -82,15 +109,19 @@ def read(shard: str) -> tuple[ShardIndex | None, str]:
     try:
         with open(path) as f:
             raw = json.load(f)
+        if raw.get("format") != FORMAT:
+            return None, (f"index {path} is of format {raw.get('format')!r}, not {FORMAT!r} "
+                          "(convert again to index it)")
         index = ShardIndex(**raw)
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         return None, f"unreadable index {path} ({e})"
-    if index.format != FORMAT:
-        return None, f"index {path} is of format {index.format!r}, not {FORMAT!r}"
     size = os.path.getsize(shard)
     if size != index.bytes:
         return None, (f"its index records {index.bytes} bytes, the file has {size} (changed "
                       "since lars-convert wrote it)")
+    if fingerprint(shard) != (index.head_sha256, index.tail_sha256):
+        return None, ("its first or last 64 KiB differ from what its index records (the "
+                      "file was rewritten since lars-convert wrote it)")
     return index, ""
 
 
