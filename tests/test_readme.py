@@ -26,3 +26,25 @@ def test_the_python_api_example_trains_a_custom_model_on_2_ranks(tmp_path):
     assert summary["final_test_accuracy"] > 0.8
     assert len(summary["history"]) == 5
     assert (tmp_path / "runs" / "mine" / "checkpoints" / "epoch-000005").is_dir()
+
+
+def test_the_plain_keras_example_trains_in_mixed_float16_on_2_ranks(tmp_path):
+    """The README's plain-Keras example (mixed_float16, DistributedOptimizer, the broadcast
+    callback) as printed: the model it saves loads back, in a process of its own, with its
+    optimizer state and loss scale, and has learnt Fashion-MNIST."""
+    import keras
+
+    import lars_tf
+    from lars_tf.data import fashion_mnist
+
+    script = tmp_path / "keras_train.py"
+    script.write_text(_python_block("# keras_train.py"))
+    run_job(launcher("gloo") + ["python", str(script)], cwd=tmp_path, timeout=240)
+    model = keras.models.load_model(tmp_path / "mine.keras")
+    opt = model.optimizer
+    assert isinstance(opt, lars_tf.DistributedOptimizer) and opt.scales_loss
+    assert int(opt.iterations.numpy()) == 3 * 118  # 30000 images a rank, in 256s
+    assert float(opt.dynamic_scale.numpy()) >= 1.0
+    x, y = fashion_mnist.load(lars_tf.TrainConfig().resolved_data_dir(), "test")
+    logits = model.predict(x[:2000] / 255.0, verbose=0)
+    assert (logits.argmax(-1) == y[:2000]).mean() > 0.8
