@@ -95,18 +95,20 @@ no_boot_services() {  # the cluster packages' services: enabled at no runlevel o
     local s
     for s in "${CLUSTER_SERVICES[@]}"; do
         if command -v systemctl >/dev/null; then  # unit files and SysV links, offline too
-            [[ "$(systemctl is-enabled "$s.service" 2>/dev/null)" == enabled ]] \
-                && { systemctl disable --quiet "$s.service" >/dev/null 2>&1 || true; }
+            if [[ "$(systemctl is-enabled "$s.service" 2>/dev/null)" == enabled ]]; then
+                systemctl disable --quiet "$s.service" >/dev/null 2>&1 || true
+            fi
         elif [[ -e /etc/init.d/$s ]] && compgen -G "/etc/rc[2-5].d/S*$s" >/dev/null; then
             update-rc.d "$s" disable >/dev/null 2>&1 || true
         fi
     done
+    return 0
 }
 
 cluster_tools() {
     if [[ -x /usr/sbin/sshd && -x /usr/sbin/slurmd && -x /usr/sbin/munged ]] \
             && command -v ip >/dev/null; then
-        [[ "$(id -u)" == 0 ]] && no_boot_services
+        if [[ "$(id -u)" == 0 ]]; then no_boot_services; fi
         return 0
     fi
     if [[ "${LARS_TF_SKIP_APT:-0}" != 1 && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
