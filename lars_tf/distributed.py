@@ -257,12 +257,13 @@ def size_or_one(where: str) -> int:
     return 1
 
 
-def grouped_allreduce_sum(tensors: list, prescale_factor: float = 1.0,
-                          postscale_factor: float = 1.0) -> list:
-    """The sum over ranks of each tensor, scaled by ``prescale_factor`` before and by
-    ``postscale_factor`` after, in one grouped all-reduce (Horovod fuses it)."""
-    return hvd_tf.grouped_allreduce(tensors, op=hvd_tf.Sum, prescale_factor=prescale_factor,
-                                    postscale_factor=postscale_factor)
+def allreduce_gradient(tensor: tf.Tensor, prescale_factor: float = 1.0,
+                       postscale_factor: float = 1.0) -> tf.Tensor:
+    """The sum over ranks of ``tensor``, scaled by ``prescale_factor`` before and by
+    ``postscale_factor`` after: one all-reduce op, which starts as soon as ``tensor``
+    exists; Horovod's background thread fuses the tensors that are ready together."""
+    return hvd_tf.allreduce(tensor, op=hvd_tf.Sum, prescale_factor=prescale_factor,
+                            postscale_factor=postscale_factor)
 
 
 def allreduce_sparse(grad: tf.IndexedSlices, average: bool = True) -> tf.IndexedSlices:

@@ -4,7 +4,7 @@ all-reduce.
 
 Horovod 0.28.1's own ``hvd.DistributedOptimizer`` is written for Keras 2: wrapped around a
 Keras 3 optimizer it raises nothing and all-reduces nothing (the ranks drift apart). This
-class does the all-reduce itself, with Horovod's grouped all-reduce, so tensor fusion, the
+class does the all-reduce itself, one Horovod all-reduce op per gradient, so tensor fusion, the
 cycle time, the response cache, the timeline, autotune and the launchers' settings all
 apply as they do to Horovod's own optimizer. (On Keras 2 lars_tf uses Horovod's.)
 
@@ -52,6 +52,10 @@ _BASE_ARGUMENT_DEFAULTS = {
 }
 
 LOSS_SCALES = ("auto", "dynamic", "none")
+
+# The dtype a gradient crosses the wire in, by compression (unlisted dtypes go as they are).
+_WIRE_DTYPES = {"none": {tf.bfloat16: tf.float32},
+                "fp16": {tf.bfloat16: tf.float16, tf.float32: tf.float16}}
 
 
 def check_not_horovod_wrapped(optimizer, where: str) -> None:
@@ -179,8 +183,16 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
 
     # -- the all-reduce ------------------------------------------------------------------
     def allreduce(self, grads: list) -> list:
-        """Every rank's gradients combined (mean or sum), in one grouped all-reduce of the
-        dense ones; ``None`` stays ``None``. In a world of one, the gradients as given."""
+        """Every rank's gradients combined (mean or sum); ``None`` stays ``None``. In a
+        world of one, the gradients as given.
+
+        One all-reduce op per dense gradient: in the training step's graph each starts as
+        soon as its gradient exists, while the backward pass goes on (the last layers'
+        gradients first), and Horovod's background thread fuses the ones that are ready
+        together (``HOROVOD_FUSION_THRESHOLD``, ``HOROVOD_CYCLE_TIME``). Each keeps its
+        dtype on the wire (so float32 and float64 gradients mix), except bfloat16, which
+        Horovod's op does not take: it is sent as float32 (float16 with ``compression=
+        "fp16"``), as are float32 gradients under compression."""
         from lars_tf import distributed
 
         if not distributed.is_initialized():
@@ -188,24 +200,18 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
         size = distributed.size()
         f = self.gradient_predivide_factor
         prescale, postscale = 1.0 / f, (f / size if self.average else f)
-        dense = [i for i, g in enumerate(grads)
-                 if g is not None and not isinstance(g, tf.IndexedSlices)]
-        out = list(grads)
-        if dense:
-            tensors, dtypes = [], []
-            for i in dense:
-                g = tf.convert_to_tensor(grads[i])
-                dtypes.append(g.dtype)
-                if self.compression == "fp16" and g.dtype == tf.float32:
-                    g = tf.cast(g, tf.float16)
-                tensors.append(g)
-            reduced = distributed.grouped_allreduce_sum(
-                tensors, prescale_factor=prescale, postscale_factor=postscale)
-            for i, r, dtype in zip(dense, reduced, dtypes):
-                out[i] = tf.cast(r, dtype)
-        for i, g in enumerate(grads):
-            if isinstance(g, tf.IndexedSlices):  # all-gathered: exact, nothing summed
-                out[i] = distributed.allreduce_sparse(g, average=self.average)
+        out = []
+        for g in grads:
+            if g is None:
+                out.append(None)
+            elif isinstance(g, tf.IndexedSlices):  # all-gathered: exact, nothing summed
+                out.append(distributed.allreduce_sparse(g, average=self.average))
+            else:
+                g = tf.convert_to_tensor(g)
+                wire = _WIRE_DTYPES[self.compression].get(g.dtype, g.dtype)
+                reduced = distributed.allreduce_gradient(
+                    tf.cast(g, wire), prescale_factor=prescale, postscale_factor=postscale)
+                out.append(tf.cast(reduced, g.dtype))
         return out
 
     # -- Keras optimizer protocol ----------------------------------------------------------

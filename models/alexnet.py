@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from lars_tf.layers import BatchNormalization
 from lars_tf.models import register
 
 layers = tf.keras.layers
@@ -31,7 +32,7 @@ def alexnet_bn(input_shape=(224, 224, 3), num_classes: int = 1000,
              (384, 3, 1, 2, False), (256, 3, 1, 2, True))
     for i, (filters, kernel, stride, groups, pool) in enumerate(convs, start=1):
         if i > 1:  # Caffe: moving_average_fraction 0.9, eps 1e-4, no scale/bias
-            x = layers.BatchNormalization(momentum=0.9, epsilon=1e-4, center=False,
+            x = BatchNormalization(momentum=0.9, epsilon=1e-4, center=False,
                                           scale=False, name=f"bn{i}")(x)
         x = layers.Conv2D(filters, kernel, strides=stride, padding="same", groups=groups,
                           name=f"conv{i}")(x)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from lars_tf.layers import BatchNormalization
 from lars_tf.models import register
 
 layers = tf.keras.layers
@@ -18,7 +19,7 @@ STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))  # (filters, blocks
 def _conv_bn(x, filters, kernel, stride, name, relu=True, zero_gamma=False):
     x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
                       kernel_initializer="he_normal", name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn",
+    x = BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn",
                                   gamma_initializer="zeros" if zero_gamma else "ones")(x)
     return layers.ReLU(name=f"{name}_relu")(x) if relu else x
 

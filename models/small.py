@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from lars_tf.layers import BatchNormalization
 from lars_tf.models import register
 
 layers = tf.keras.layers
@@ -20,7 +21,7 @@ def small_cnn(input_shape, num_classes: int, width: int = 32) -> tf.keras.Model:
     for i, filters in enumerate((width, 2 * width)):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
         # Few steps per epoch at large batch: the moving averages must follow quickly.
-        x = layers.BatchNormalization(momentum=0.9, name=f"bn{i + 1}")(x)
+        x = BatchNormalization(momentum=0.9, name=f"bn{i + 1}")(x)
         x = layers.ReLU(name=f"relu{i + 1}")(x)
         x = layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
     x = layers.Flatten(name="flatten")(x)

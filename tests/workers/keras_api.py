@@ -12,6 +12,8 @@ MODE:
              step), lars_tf.BroadcastState: each rank records its final state.
   mismatch   rank 1 builds its layers in another order (equal-shaped biases trade places):
              the first update must stop both ranks, naming the variable.
+  dtypes     a model with float64, bfloat16 and float32 variables (dtypes_model), 3 SGD
+             steps of 8 examples a rank: each rank records its weights.
 """
 
 import sys
@@ -21,6 +23,7 @@ import numpy as np
 
 import lars_tf
 from lars_tf import keras_compat
+from tests.workers.dtypes_case import dtypes_data, dtypes_model
 
 mode, out_dir = sys.argv[1], sys.argv[2]
 world = lars_tf.init()
@@ -107,5 +110,14 @@ elif mode == "mismatch":
     print("variables:", [keras_compat.variable_path(v) for v in model.trainable_variables])
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     raise SystemExit("trained with mismatched variables")
+elif mode == "dtypes":
+    model = dtypes_model()
+    model.compile(optimizer=lars_tf.DistributedOptimizer(keras.optimizers.SGD(0.5)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    dx, dy = dtypes_data()
+    model.fit(dx[world.rank::2], dy[world.rank::2], batch_size=8, epochs=1, shuffle=False,
+              verbose=0)
+    np.savez(f"{out_dir}/rank{world.rank}.npz",
+             **{f"w{i}": np.asarray(w, np.float64) for i, w in enumerate(model.weights)})
 else:
     raise SystemExit(f"unknown mode {mode}")
