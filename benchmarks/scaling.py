@@ -169,13 +169,13 @@ def report(raw: dict, out: Path) -> None:
         f"({hidden:.3f} s a step) runs before the step's last gradient is handed to Horovod, "
         "hidden behind the backward pass.\n\n"
         f"Reading: compute + rest is {one['step_sec']:.2f} s with 1 rank x 2 threads and "
-        f"{compute:.2f} s with 2 ranks x 1 thread, so the 2-rank run loses what its "
-        "all-reduce costs. That all-reduce is much slower than the same tensors alone in "
-        "`benchmarks/allreduce.py`, likely because each rank is bound to one core: "
-        "Horovod's background thread and MPI's copies share it with TensorFlow's compute, "
-        "and the ALLREDUCE spans of the timeline include the time they wait for it. With "
-        "more cores per rank (the usual CPU-cluster layout: one rank per socket) the "
-        "all-reduce gets its own core time.",
+        f"{compute:.2f} s with 2 ranks x 1 thread, and the all-reduce left after the "
+        f"backward pass is {ar - hidden:.3f} s a step: of the 2-rank step's "
+        f"{two['step_sec'] - one['step_sec']:.2f} s over the 1-rank one, "
+        f"{compute - one['step_sec']:.2f} s is compute (or input, or waiting) that ran "
+        "slower on one thread per rank than half of it on two, and the rest the all-reduce. "
+        "The ALLREDUCE spans include the time Horovod's background thread waits for its "
+        "rank's only core, which TensorFlow's compute shares.",
         FLAGS.write, raw=raw)
 
 
