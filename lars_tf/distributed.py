@@ -196,6 +196,8 @@ def broadcast_state(model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimi
     after a resume, which only rank 0 reads, no rank differs in anything."""
     from lars_tf import checkpoint
 
+    if size_or_one("lars_tf broadcast of rank 0's state") == 1 and not is_initialized():
+        return  # a world of one: nothing to broadcast
     optimizer.build(model.trainable_variables)
     hvd_tf.broadcast_variables(
         keras_compat.plain_variables(checkpoint.state_variables(model=model,

@@ -134,7 +134,7 @@ def test_wrap_optimizer_under_mixed_float16_scales_the_loss_once(fp16_policy):
 def test_a_saved_model_loads_and_trains_in_a_plain_process(tmp_path):
     """A model saved with the distributed optimizer, loaded in a process that no launcher
     started and that never called lars_tf.init(), trains as a world of one (it failed with
-    "Horovod has not been initialized")."""
+    "Horovod has not been initialized"), the broadcast callback included."""
     import keras
 
     import lars_tf
@@ -145,7 +145,7 @@ def test_a_saved_model_loads_and_trains_in_a_plain_process(tmp_path):
     assert int(loaded.optimizer.iterations.numpy()) == 2
     before = [np.asarray(v) for v in loaded.trainable_variables]
     x, y = _data(16)
-    loaded.fit(x, y, batch_size=8, verbose=0)
+    loaded.fit(x, y, batch_size=8, verbose=0, callbacks=[lars_tf.BroadcastState()])
     assert int(loaded.optimizer.iterations.numpy()) == 4
     assert not all(np.array_equal(a, np.asarray(b))
                    for a, b in zip(before, loaded.trainable_variables))
