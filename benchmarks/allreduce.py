@@ -8,7 +8,7 @@ flags are the launchers' own): the default preset (single_node), and fusion thre
 (off), 64 MB and 128 MB at cycle times of 1 and 5 ms, under Gloo and MPI. In every job the
 ranks all-reduce the gradients of variables with ResNet-50 v1.5's 161 trainable shapes
 (25.6M floats), the gradient being a fixed random tensor per variable, the way the stack's
-distributed optimizer does (Keras 3: ``lars_tf.DistributedOptimizer``'s grouped
+distributed optimizer does (Keras 3: ``lars_tf.DistributedOptimizer``'s per-gradient
 all-reduce; Keras 2: ``hvd.DistributedGradientTape``, Horovod's own), and time
 (``benchmarks/allreduce_worker.py``, shared with ``cluster_allreduce`` across hosts):
 

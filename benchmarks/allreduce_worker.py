@@ -6,8 +6,8 @@ process of a job that all-reduces the gradients of real models' variable shapes 
 Under Horovod (the default): per model, the step without Horovod (the gradient computation
 alone), the step with the all-reduce uncompressed (fp32) and with fp16 compression, in
 alternating blocks, through the stack's own path (Keras 3: ``lars_tf.DistributedOptimizer``'s
-grouped all-reduce; Keras 2: ``hvd.DistributedGradientTape``), and a local memory copy of the
-same bytes on every rank at once. With ``--mpi4py`` (started by ``mpirun``, no Horovod):
+per-gradient all-reduces; Keras 2: ``hvd.DistributedGradientTape``), and a local memory copy of
+the same bytes on every rank at once. With ``--mpi4py`` (started by ``mpirun``, no Horovod):
 mpi4py's ``Allreduce`` of one float32 buffer of each model's gradient bytes, the raw-MPI
 baseline. Rank 0 writes ``{model: figures}`` (median seconds) to --out.
 """
