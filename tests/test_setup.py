@@ -45,6 +45,25 @@ def test_a_missing_python_is_refused(tmp_path):
     assert "no-python not found" in err
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"LARS_TF_STACK": "keras2"}, "the GPU build is made for the default stack only"),
+    ({"LARS_TF_CUDA_HOME": "/nonexistent/cuda"},
+     "LARS_TF_CUDA_HOME=/nonexistent/cuda: no working bin/nvcc there"),
+    ({"LARS_TF_CUDA_HOME": "/", "LARS_TF_CUDA_ARCHS": "sm_80"}, None),
+], ids=["legacy-stack", "no-nvcc", "bad-archs"])
+def test_a_gpu_build_that_cannot_be_made_is_refused(env, message, tmp_path):
+    if message is None:  # the archs are checked once a toolkit is found: give it a fake nvcc
+        fake = tmp_path / "cuda"
+        (fake / "bin").mkdir(parents=True)
+        (fake / "bin" / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, "
+                                           "release 12.9, V12.9.86'\n")
+        (fake / "bin" / "nvcc").chmod(0o755)
+        env["LARS_TF_CUDA_HOME"] = str(fake)
+        message = "LARS_TF_CUDA_ARCHS=sm_80: give compute capabilities like 80,90"
+    err = _setup(tmp_path, LARS_TF_GPU="1", **env)
+    assert message in err
+
+
 def test_a_source_package_that_differs_from_its_pinned_sha256_is_not_built(tmp_path):
     """Horovod and mpi4py are built from source (as root on CI): each source package is
     checked against tools/sdists.sha256 first. A tampered one in the cache stops set-up,
