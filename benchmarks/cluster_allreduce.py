@@ -30,7 +30,6 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +50,6 @@ flags.DEFINE_string("probe", None, "Internal: 'server' or 'client' of the link p
 common.define_output_flags("cluster_allreduce")
 FLAGS = flags.FLAGS
 
-CLUSTER = str(testing.REPO / "tools" / "cluster.sh")
 RATE_BITS = {"10gbe": 10e9, "1gbe": 1e9}  # tools/cluster.sh's tbf rates
 PROBE_PORT, PROBE_BYTES = 29611, 256 * 2**20
 
@@ -108,39 +106,19 @@ def probe(role: str) -> None:
     print(json.dumps({"rtt_sec": statistics.median(rtts), "tcp_bytes_per_sec": PROBE_BYTES / sec}))
 
 
-class Cluster:
-    """tools/cluster.sh in a temporary state folder: up on enter, down on exit."""
-
-    def __init__(self, n: int, link: str):
-        self.n, self.link = n, link
-        self.state = tempfile.mkdtemp(prefix="lars_tf_bench_cluster_")
-        os.rmdir(self.state)  # cluster.sh makes it
-        self.env = testing.job_env(LARS_TF_CLUSTER_DIR=self.state)
-
-    def __enter__(self):
-        subprocess.run([CLUSTER, "up", str(self.n), self.link], env=self.env, check=True,
-                       timeout=300)
-        return self
-
-    def __exit__(self, *exc):
-        subprocess.run([CLUSTER, "down"], env=self.env, timeout=300)
-
-    def run(self, host: str, cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-        return testing.run_job([CLUSTER, "run", host, *cmd], timeout=timeout,
-                               LARS_TF_CLUSTER_DIR=self.state)
-
-    def probe(self) -> dict:
-        me = [sys.executable, "-m", "benchmarks.cluster_allreduce"]
-        server = testing.start_job([CLUSTER, "run", "h1", *me, "--probe=server"],
-                                   LARS_TF_CLUSTER_DIR=self.state)
-        try:
-            out = self.run("h2", [*me, "--probe=client"], timeout=300).stdout
-        finally:
-            server.communicate(timeout=60)
-        return json.loads(out.strip().splitlines()[-1])
+def probe_link(cluster: common.Cluster) -> dict:
+    """The link probe between h1 (server) and h2 (client) of ``cluster``."""
+    me = [sys.executable, "-m", "benchmarks.cluster_allreduce"]
+    server = testing.start_job([common.CLUSTER, "run", "h1", *me, "--probe=server"],
+                               LARS_TF_CLUSTER_DIR=cluster.state)
+    try:
+        out = cluster.run("h2", [*me, "--probe=client"], timeout=300).stdout
+    finally:
+        server.communicate(timeout=60)
+    return json.loads(out.strip().splitlines()[-1])
 
 
-def horovod_job(cluster: Cluster, p: int, controller: str, flags_: list[str],
+def horovod_job(cluster: common.Cluster, p: int, controller: str, flags_: list[str],
                 out: Path) -> dict:
     hosts = ",".join(f"h{i}:1" for i in range(1, p + 1))
     cmd = [str(testing.LAUNCH / "horovodrun_gpu.sh"), f"--{controller}", "-H", hosts,
@@ -150,7 +128,7 @@ def horovod_job(cluster: Cluster, p: int, controller: str, flags_: list[str],
     return json.loads(out.read_text())
 
 
-def mpi4py_job(cluster: Cluster, p: int, out: Path) -> dict:
+def mpi4py_job(cluster: common.Cluster, p: int, out: Path) -> dict:
     hosts = ",".join(f"h{i}:1" for i in range(1, p + 1))
     cmd = [str(testing.LAUNCH / "mpirun_cpu.sh"), "-H", hosts, "--ranks-per-node", "1",
            "--network-interface", "eth0", "--",
@@ -174,8 +152,8 @@ def measure() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "job.json"
         for link in FLAGS.links:
-            with Cluster(counts[-1], link) as cluster:
-                probed = cluster.probe()
+            with common.Cluster(counts[-1], link) as cluster:
+                probed = probe_link(cluster)
                 print(f"[cluster_allreduce] {link}: RTT {1e6 * probed['rtt_sec']:.0f} us, one "
                       f"TCP stream {8 * probed['tcp_bytes_per_sec'] / 1e9:.2f} Gbit/s",
                       flush=True)

@@ -6,7 +6,9 @@ import os
 import platform
 import re
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,15 +62,13 @@ def define_output_flags(name: str) -> None:
 TRAIN_STEP_MODELS = (("small_cnn", (28, 28, 1), 1024, 10), ("resnet50", (224, 224, 3), 16, 3))
 
 
-def train_step_rate(name: str) -> dict:
-    """Images/sec of a training step of ``name`` (``TRAIN_STEP_MODELS``) with lars_tf.LARS,
-    in this process (TensorFlow loads here), on random images; with the versions and
-    whether oneDNN is on."""
+def _train_step(name: str):
+    """(model, x, y, steps): ``name`` of ``TRAIN_STEP_MODELS`` compiled with lars_tf.LARS
+    as the trainer compiles (no XLA), on random images, traced and warmed up."""
     import tensorflow as tf
-    from tensorflow.python.util import _pywrap_util_port
 
     import lars_tf
-    from lars_tf import keras_compat, models
+    from lars_tf import models
 
     _, shape, batch, steps = next(m for m in TRAIN_STEP_MODELS if m[0] == name)
     tf.keras.utils.set_random_seed(0)
@@ -80,6 +80,20 @@ def train_step_rate(name: str) -> dict:
     y = tf.random.uniform((batch,), 0, 10, tf.int32)
     for _ in range(2):  # trace and warm up
         model.train_on_batch(x, y)
+    return model, x, y, steps
+
+
+def train_step_rate(name: str) -> dict:
+    """Images/sec of a training step of ``name`` (``TRAIN_STEP_MODELS``) with lars_tf.LARS,
+    in this process (TensorFlow loads here), on random images; with the versions and
+    whether oneDNN is on."""
+    import tensorflow as tf
+    from tensorflow.python.util import _pywrap_util_port
+
+    from lars_tf import keras_compat
+
+    model, x, y, steps = _train_step(name)
+    batch = int(x.shape[0])
     t0 = time.perf_counter()
     for _ in range(steps):
         model.train_on_batch(x, y)
@@ -87,6 +101,67 @@ def train_step_rate(name: str) -> dict:
             "onednn": bool(_pywrap_util_port.IsMklEnabled()),
             "tensorflow": tf.__version__, "keras3": keras_compat.KERAS3,
             "python": platform.python_version(), "peak_rss_mb": testing.peak_rss_mb()}
+
+
+def op_profile(name: str, steps: int = 3) -> dict:
+    """The same training step as ``train_step_rate``, op by op: TensorFlow's profiler traces
+    ``steps`` steps, and the time of every op kernel (the ``name:Type`` events on the
+    executor's threads of the trace's host plane) is summed by op type. Returns the step's
+    wall time and ``{type: ms per step}`` (kernel time summed over threads, so the ops of a
+    step can add up to more than its wall time when they run side by side)."""
+    import collections
+    import tempfile
+
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    model, x, y, _ = _train_step(name)
+    op_event = re.compile(r"^[^:]+:([A-Za-z0-9_]+)$")
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            model.train_on_batch(x, y)
+        wall = (time.perf_counter() - t0) / steps
+        tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        space.ParseFromString(next(Path(logdir).rglob("*.xplane.pb")).read_bytes())
+    ps = collections.Counter()
+    for plane in space.planes:
+        if plane.name != "/host:CPU":
+            continue
+        for line in plane.lines:
+            for event in line.events:
+                m = op_event.match(plane.event_metadata[event.metadata_id].name)
+                if m:
+                    ps[m.group(1)] += event.duration_ps
+    return {"wall_ms": 1e3 * wall, "ops": {k: v / 1e9 / steps for k, v in ps.items()},
+            "tensorflow": tf.__version__}
+
+
+CLUSTER = str(testing.REPO / "tools" / "cluster.sh")
+
+
+class Cluster:
+    """tools/cluster.sh in a temporary state folder: up on enter, down on exit (root only)."""
+
+    def __init__(self, n: int, link: str):
+        self.n, self.link = n, link
+        self.state = tempfile.mkdtemp(prefix="lars_tf_bench_cluster_")
+        os.rmdir(self.state)  # cluster.sh makes it
+        self.env = testing.job_env(LARS_TF_CLUSTER_DIR=self.state)
+
+    def __enter__(self):
+        subprocess.run([CLUSTER, "up", str(self.n), self.link], env=self.env, check=True,
+                       timeout=300)
+        return self
+
+    def __exit__(self, *exc):
+        subprocess.run([CLUSTER, "down"], env=self.env, timeout=300)
+
+    def run(self, host: str, cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+        return testing.run_job([CLUSTER, "run", host, *cmd], timeout=timeout,
+                               LARS_TF_CLUSTER_DIR=self.state)
 
 
 def write_section(name: str, body: str) -> None:

@@ -27,20 +27,48 @@ flags.DEFINE_integer("rounds", 3, "Rounds; each runs every model on both stacks.
 flags.DEFINE_string("legacy_python", str(testing.REPO / ".venv-keras2" / "bin" / "python"),
                     "The legacy (Keras 2) stack's Python.")
 flags.DEFINE_bool("write", True, "Write the table to benchmarks/RESULTS.md.")
+flags.DEFINE_integer("profile_steps", 3, "Steps of each model and stack traced by "
+                     "TensorFlow's profiler for the op-by-op breakdown (0: none).")
 flags.DEFINE_string("child", None, "Internal: measure this model in this process.")
+flags.DEFINE_string("child_profile", None, "Internal: profile this model in this process.")
 FLAGS = flags.FLAGS
 
 
-def run_child(python: str, name: str) -> dict:
-    out = testing.run_job([python, "-m", "benchmarks.stacks", f"--child={name}"],
+def run_child(python: str, name: str, profile: bool = False) -> dict:
+    flag = f"--child_profile={name}" if profile else f"--child={name}"
+    out = testing.run_job([python, "-m", "benchmarks.stacks", flag,
+                           f"--profile_steps={FLAGS.profile_steps}"],
                           timeout=3600, TF_ENABLE_ONEDNN_OPTS="1").stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def profile_table(profiles: dict, top: int = 12) -> list[str]:
+    """Per model, the op types that take the most kernel time on either stack."""
+    rows = ["| model | op type | Keras 2, TF 2.15: ms/step | Keras 3, TF 2.20: ms/step | "
+            "Keras 3 - Keras 2 (ms) |", "|---|---|---|---|---|"]
+    for name, by_stack in profiles.items():
+        old, new = by_stack["keras2"]["ops"], by_stack["keras3"]["ops"]
+        kinds = sorted(set(old) | set(new), key=lambda k: -max(old.get(k, 0), new.get(k, 0)))
+        for kind in kinds[:top]:
+            a, b = old.get(kind, 0.0), new.get(kind, 0.0)
+            rows.append(f"| {name} | {kind} | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
+        rest = kinds[top:]
+        a, b = (sum(d.get(k, 0.0) for k in rest) for d in (old, new))
+        rows.append(f"| {name} | {len(rest)} other types | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
+        a, b = sum(old.values()), sum(new.values())
+        rows.append(f"| {name} | **all ops** (step wall time: {by_stack['keras2']['wall_ms']:.0f}"
+                    f" / {by_stack['keras3']['wall_ms']:.0f} ms) | {a:.1f} | {b:.1f} | "
+                    f"{b - a:+.1f} |")
+    return rows
 
 
 def main(argv):
     del argv
     if FLAGS.child:
         print(json.dumps(common.train_step_rate(FLAGS.child)))
+        return
+    if FLAGS.child_profile:
+        print(json.dumps(common.op_profile(FLAGS.child_profile, FLAGS.profile_steps)))
         return
     if not os.access(FLAGS.legacy_python, os.X_OK):
         raise SystemExit(f"--legacy_python={FLAGS.legacy_python}: not found; make the legacy "
@@ -69,6 +97,13 @@ def main(argv):
             f"{statistics.median(x['images_per_sec'] for x in new):.1f} | {ratios[name]:.2f}x | "
             f"{max(x['peak_rss_mb'] for x in old):.0f} / "
             f"{max(x['peak_rss_mb'] for x in new):.0f} |")
+    profiles = {}
+    if FLAGS.profile_steps:
+        for name, *_ in common.TRAIN_STEP_MODELS:
+            profiles[name] = {s: run_child(p, name, profile=True) for s, p in pythons.items()}
+        rows += ["", f"Op by op (TensorFlow's profiler, {FLAGS.profile_steps} steps of each model "
+                 "on each stack after the timed rounds; kernel time summed over threads and "
+                 "by op type, per step):", "", *profile_table(profiles)]
     versions = {s: results[common.TRAIN_STEP_MODELS[0][0]][s][0] for s in pythons}
     common.report(
         "stacks", "Keras 3 and Keras 2 stacks (`benchmarks/stacks.py`)",
