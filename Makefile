@@ -35,8 +35,7 @@ test-fast: setup
 	python -m pytest tests -m "not multiprocess"
 
 # What CI runs on the legacy stack (LARS_TF_STACK=keras2 make test-legacy): LARS against
-# NumPy, the composition and equivalence jobs, 2-rank trainer runs, and exact resume (which
-# the Keras 3 stack does not pass yet).
+# NumPy, the composition and equivalence jobs, 2-rank trainer runs, and exact resume.
 LEGACY_TESTS := tests/test_lars.py tests/test_schedules.py tests/test_composition.py \
 	tests/test_distributed_training.py \
 	tests/test_trainer.py::test_resume_equals_an_uninterrupted_run
@@ -65,8 +64,9 @@ bench: setup
 	python -m benchmarks.stacks
 	python -m benchmarks.input_pipeline
 	python -m benchmarks.allreduce
-	@if [ "$$(id -u)" -eq 0 ]; then python -m benchmarks.cluster_allreduce; \
-	else echo "benchmarks.cluster_allreduce skipped: tools/cluster.sh needs root"; fi
+	@if [ "$$(id -u)" -eq 0 ]; then python -m benchmarks.cluster_allreduce && \
+		python -m benchmarks.mwms_peer; \
+	else echo "benchmarks.cluster_allreduce, mwms_peer skipped: tools/cluster.sh needs root"; fi
 	python -m benchmarks.scaling
 	python -m benchmarks.large_batch
 
