@@ -281,11 +281,11 @@ def onednn_enabled() -> bool:
 
 
 def rank_settings() -> dict:
-    """What this rank runs with: the Horovod/NCCL/OpenMP environment the launcher gave it,
-    TensorFlow's thread pools, whether its oneDNN CPU kernels are on, and the cores it may
-    run on."""
+    """What this rank runs with: the Horovod/NCCL/Open MPI/OpenMP environment the launcher
+    gave it, TensorFlow's thread pools, whether its oneDNN CPU kernels are on, and the cores
+    it may run on."""
     env = {k: v for k, v in sorted(os.environ.items())
-           if k.startswith(("HOROVOD_", "NCCL_")) or k == "OMP_NUM_THREADS"}
+           if k.startswith(("HOROVOD_", "NCCL_", "OMPI_MCA_")) or k == "OMP_NUM_THREADS"}
     return {
         "host": socket.gethostname(),
         "env": env,
