@@ -170,10 +170,15 @@ def report(raw: dict, out: Path) -> None:
         "hidden behind the backward pass.\n\n"
         f"Reading: compute + rest is {one['step_sec']:.2f} s with 1 rank x 2 threads and "
         f"{compute:.2f} s with 2 ranks x 1 thread, and the all-reduce left after the "
-        f"backward pass is {ar - hidden:.3f} s a step: of the 2-rank step's "
-        f"{two['step_sec'] - one['step_sec']:.2f} s over the 1-rank one, "
-        f"{compute - one['step_sec']:.2f} s is compute (or input, or waiting) that ran "
-        "slower on one thread per rank than half of it on two, and the rest the all-reduce. "
+        f"backward pass is {ar - hidden:.3f} s a step. " + (
+            f"Of the 2-rank step's {two['step_sec'] - one['step_sec']:.2f} s over the 1-rank "
+            f"one, {compute - one['step_sec']:.2f} s is compute (or input, or waiting) that "
+            "ran slower on one thread per rank than half of it on two, and the rest the "
+            "all-reduce. "
+            if two["step_sec"] > one["step_sec"] else
+            f"The 2-rank step takes {two['step_sec'] - one['step_sec']:+.2f} s against the "
+            "1-rank one: what the all-reduce adds, the compute on one thread per rank "
+            "recovers. ") +
         "The ALLREDUCE spans include the time Horovod's background thread waits for its "
         "rank's only core, which TensorFlow's compute shares.",
         FLAGS.write, raw=raw)
