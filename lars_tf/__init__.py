@@ -11,16 +11,13 @@ if "tensorflow" not in _sys.modules:
     _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from lars_tf.config import TrainConfig  # noqa: E402
-from lars_tf.keras_compat import KERAS3 as _KERAS3  # noqa: E402
+from lars_tf.distributed_optimizer import DistributedOptimizer  # noqa: E402
 from lars_tf.optimizers import LARS  # noqa: E402
 from lars_tf.schedules import WarmupPolynomialDecay, scale_learning_rate  # noqa: E402
 
-if _KERAS3:  # registered for loading saved models; Horovod loads when it runs
-    from lars_tf.distributed_optimizer import DistributedOptimizer  # noqa: E402, F401
-
 __all__ = [
     "BroadcastState",
-    *(["DistributedOptimizer"] if _KERAS3 else []),
+    "DistributedOptimizer",
     "LARS",
     "TrainConfig",
     "Trainer",
@@ -47,11 +44,6 @@ def __getattr__(name):
         from lars_tf import build
 
         return build.build_optimizer
-    if name == "DistributedOptimizer":  # reached on Keras 2 only
-        raise AttributeError(
-            "lars_tf.DistributedOptimizer is for Keras 3; on Keras 2 (the legacy stack) "
-            "use Horovod's own horovod.tensorflow.keras.DistributedOptimizer, or "
-            "lars_tf.build_optimizer / lars_tf.distributed.wrap_optimizer for the stack")
     if name == "init":
         from lars_tf import distributed
 

@@ -7,7 +7,7 @@ import tensorflow as tf
 from lars_tf import distributed, models
 from lars_tf.config import TrainConfig
 from lars_tf.data import preprocessing
-from lars_tf.optimizers import LARS
+from lars_tf.optimizers import DEFAULT_EXCLUDE, LARS
 from lars_tf.schedules import WarmupPolynomialDecay
 
 
@@ -26,25 +26,38 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupPolynomia
         total_steps=total,
         end_learning_rate=config.end_learning_rate,
         power=config.poly_power,
-        backward_passes_per_step=distributed.passes_per_counted_step(k),
         warmup_start_learning_rate=config.warmup_start_learning_rate,
     )
 
 
-def build_local_optimizer(config: TrainConfig, steps_per_epoch: int) -> LARS:
-    """The single-process optimizer of ``config`` (no Horovod): LARS, or the SGD baseline.
+def build_local_optimizer(config: TrainConfig,
+                          steps_per_epoch: int) -> tf.keras.optimizers.Optimizer:
+    """The single-process optimizer of ``config`` (no Horovod): LARS, or a baseline.
 
     ``--optimizer=sgd`` is momentum SGD with the same weight-decay rule and exclusions as
-    LARS, only without the trust ratio, so that the two differ in exactly one thing.
+    LARS, only without the trust ratio, so that the two differ in exactly one thing;
+    ``nesterov`` the same with Nesterov momentum. ``lamb`` is Keras 3's LAMB (Adam's
+    moments with a layer-wise trust ratio) with ``--momentum`` as its ``beta_1``, and
+    ``--weight_decay`` decoupled (Keras' rule), on the same variables as LARS' (biases and
+    normalisation parameters excluded). All take the same schedule.
     """
+    schedule = build_schedule(config, steps_per_epoch)
+    if config.optimizer == "lamb":
+        import keras
+
+        lamb = keras.optimizers.Lamb(learning_rate=schedule, beta_1=config.momentum,
+                                     epsilon=1e-6, weight_decay=config.weight_decay or None)
+        lamb.exclude_from_weight_decay(var_names=list(DEFAULT_EXCLUDE))
+        return lamb
     kwargs = dict(
-        learning_rate=build_schedule(config, steps_per_epoch),
+        learning_rate=schedule,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
         trust_coefficient=config.trust_coefficient,
     )
-    if config.optimizer == "sgd":
-        return LARS(exclude_from_layer_adaptation=(".*",), name="SGD", **kwargs)
+    if config.optimizer in ("sgd", "nesterov"):
+        return LARS(exclude_from_layer_adaptation=(".*",), nesterov=config.optimizer == "nesterov",
+                    name="NesterovSGD" if config.optimizer == "nesterov" else "SGD", **kwargs)
     return LARS(**kwargs)
 
 
@@ -61,6 +74,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> tf.keras.optim
         backward_passes_per_step=config.backward_passes_per_step,
         gradient_predivide_factor=config.gradient_predivide_factor,
         sparse_as_dense=True if config.sparse_as_dense else None,
+        noise_scale_every=config.noise_scale_every,
     )
 
 

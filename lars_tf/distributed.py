@@ -14,9 +14,6 @@ from absl import logging
 from lars_tf import keras_compat
 from lars_tf import precision as precision_lib
 
-if not keras_compat.KERAS3:  # Horovod's Keras layer works with Keras 2 only
-    import horovod.tensorflow.keras as hvd_keras
-
 
 @dataclass(frozen=True)
 class World:
@@ -104,80 +101,43 @@ def wrap_optimizer(
     backward_passes_per_step: int = 1,
     gradient_predivide_factor: float = 1.0,
     sparse_as_dense: bool | None = None,
+    noise_scale_every: int = 0,
 ) -> tf.keras.optimizers.Optimizer:
-    """The distributed optimizer stack around a local optimizer (LARS). On Keras 2::
-
-        LossScaleOptimizer(                 # only for mixed_float16: scale, unscale, skip
-            hvd.DistributedOptimizer(       # all-reduce (mean) of the scaled gradients
-                optimizer))                 # LARS, in float32
-
-    and on Keras 3, where Horovod's optimizer does not work, one optimizer that all-reduces
-    and, for mixed_float16, scales the loss around the all-reduce (see
-    ``lars_tf.distributed_optimizer``)::
+    """The distributed optimizer stack around a local optimizer (LARS), the same on both
+    stacks: one optimizer that all-reduces and, for mixed_float16, scales the loss around
+    the all-reduce (see ``lars_tf.distributed_optimizer``)::
 
         lars_tf.DistributedOptimizer(       # all-reduce (mean) of the scaled gradients,
             optimizer,                      # then unscale, skip on Inf/NaN
             loss_scale="dynamic")           # only for mixed_float16
 
-    Either way the all-reduce sits between loss scaling and unscaling: gradients cross the
-    wire scaled, which is what keeps small ones alive under ``fp16_allreduce``, and the
-    overflow check runs on the all-reduced gradients, so every rank skips the same steps
-    (see ``lars_tf.precision``). On Keras 2 the loss-scale optimizer delegates computing
-    the gradients (where Horovod all-reduces) to the one inside it; and Horovod outside
-    Keras 2's loss-scale optimizer cannot be built (Horovod rebuilds the wrapped optimizer
-    from its config, which that constructor does not take). Either stack is a loss-scale
-    optimizer at the top, so Keras' ``compile`` adds none of its own.
+    Gradients cross the wire scaled, which is what keeps small ones alive under
+    ``fp16_allreduce``, and the overflow check runs on the all-reduced gradients, so every
+    rank skips the same steps (see ``lars_tf.precision``). It is a loss-scale optimizer at
+    the top, so Keras' ``compile`` adds none of its own.
 
     With ``backward_passes_per_step = k`` each rank accumulates ``k`` local gradients and
-    all-reduces their mean once; the loss scale then decides once per update.
-    ``gradient_predivide_factor`` divides gradients by that factor before the sum and by
-    ``size / factor`` after it (the same mean, another rounding).
+    all-reduces their mean once; the loss scale then decides once per update, and
+    ``optimizer`` (its schedule) counts updates. ``gradient_predivide_factor`` divides
+    gradients by that factor before the sum and by ``size / factor`` after it (the same
+    mean, another rounding).
 
     ``sparse_as_dense`` all-reduces sparse gradients (``tf.IndexedSlices``, from an
     ``Embedding``) as dense tensors, as Horovod's option of that name. ``None`` (the
-    default) turns it on exactly when accumulation or a predivide factor is used: Horovod
-    can do neither with sparse gradients (it raises), and otherwise all-gathers them.
+    default) turns it on exactly when accumulation or a predivide factor is used, which
+    need dense tensors; otherwise sparse gradients are all-gathered, as Horovod does.
+    ``noise_scale_every``: measure the gradient noise scale on every N-th update (0: off).
     """
-    if backward_passes_per_step < 1:
-        raise ValueError(f"--backward_passes_per_step={backward_passes_per_step}: must be >= 1")
-    if not gradient_predivide_factor > 0:
-        raise ValueError(
-            f"--gradient_predivide_factor={gradient_predivide_factor}: must be > 0")
-    sparse_as_dense = needs_dense_gradients(backward_passes_per_step, gradient_predivide_factor,
-                                            sparse_as_dense)
-    if keras_compat.KERAS3:
-        from lars_tf.distributed_optimizer import DistributedOptimizer
+    from lars_tf.distributed_optimizer import DistributedOptimizer
 
-        return DistributedOptimizer(
-            optimizer,
-            compression="fp16" if fp16_allreduce else "none",
-            backward_passes_per_step=backward_passes_per_step,
-            gradient_predivide_factor=gradient_predivide_factor,
-            sparse_as_dense=sparse_as_dense,
-            loss_scale="dynamic" if precision_lib.needs_loss_scaling(precision) else "none")
-    dist = hvd_keras.DistributedOptimizer(
+    return DistributedOptimizer(
         optimizer,
-        compression=hvd_tf.Compression.fp16 if fp16_allreduce else hvd_tf.Compression.none,
+        compression="fp16" if fp16_allreduce else "none",
         backward_passes_per_step=backward_passes_per_step,
-        average_aggregated_gradients=True,
         gradient_predivide_factor=gradient_predivide_factor,
         sparse_as_dense=sparse_as_dense,
-    )
-    helper = getattr(dist, "_agg_helper", None)
-    is_update_step = None
-    if helper is not None:
-        # Horovod's accumulation counter is back at 0 right after the pass that all-reduced.
-        def is_update_step():
-            return tf.equal(helper.counter, 0)
-    return precision_lib.wrap_loss_scale(dist, precision, is_update_step=is_update_step)
-
-
-def passes_per_counted_step(backward_passes_per_step: int) -> int:
-    """How many backward passes the optimizer inside the distributed one counts per weight
-    update (what its schedule's ``backward_passes_per_step`` must be): all ``k`` with
-    Horovod's optimizer (Keras 2), which steps the inner counter on every pass; 1 with
-    ``lars_tf.DistributedOptimizer`` (Keras 3), whose inner optimizer counts updates."""
-    return 1 if keras_compat.KERAS3 else backward_passes_per_step
+        loss_scale="dynamic" if precision_lib.needs_loss_scaling(precision) else "none",
+        noise_scale_every=noise_scale_every)
 
 
 def needs_dense_gradients(backward_passes_per_step: int, gradient_predivide_factor: float,

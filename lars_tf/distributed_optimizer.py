@@ -1,12 +1,14 @@
-"""``DistributedOptimizer`` for Keras 3: any Keras 3 optimizer, with gradients all-reduced
-through Horovod's ops and, under ``mixed_float16``, dynamic loss scaling around the
-all-reduce.
+"""``lars_tf.DistributedOptimizer``: any Keras optimizer (Keras 3, or Keras 2 on the legacy
+stack), with gradients all-reduced through Horovod's ops and, under ``mixed_float16``,
+dynamic loss scaling around the all-reduce.
 
 Horovod 0.28.1's own ``hvd.DistributedOptimizer`` is written for Keras 2: wrapped around a
 Keras 3 optimizer it raises nothing and all-reduces nothing (the ranks drift apart). This
 class does the all-reduce itself, one Horovod all-reduce op per gradient, so tensor fusion, the
 cycle time, the response cache, the timeline, autotune and the launchers' settings all
-apply as they do to Horovod's own optimizer. (On Keras 2 lars_tf uses Horovod's.)
+apply as they do to Horovod's own optimizer. The same class serves both stacks: what is
+Keras' protocol (``apply`` on Keras 3, ``minimize``/``apply_gradients`` on Keras 2) comes
+from ``keras_compat.DistributedOptimizerBase``; everything here is written once.
 
 Where loss scaling sits. One update, from the loss to the weights::
 
@@ -17,7 +19,7 @@ Where loss scaling sits. One update, from the loss to the weights::
 
 The finite check runs on the *all-reduced* gradients, which are the same on every rank (an
 Inf/NaN on one rank is Inf/NaN in the sum every rank receives), so every rank takes the
-same skip decision and keeps the same S. This class is a Keras ``LossScaleOptimizer`` (it
+same skip decision and keeps the same S. This class is a Keras loss-scale optimizer (it
 owns S): so ``model.compile`` under ``mixed_float16`` does not wrap it in a loss-scale
 optimizer of Keras' own, which would check each rank's local gradients before the
 all-reduce, let the ranks decide differently and hang the job.
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import warnings
 
-import keras
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops
 from tensorflow.python.ops import control_flow_util
@@ -59,23 +60,25 @@ _WIRE_DTYPES = {"none": {tf.bfloat16: tf.float32},
 
 
 def check_not_horovod_wrapped(optimizer, where: str) -> None:
-    """Refuse an optimizer wrapped by Horovod's Keras 2 ``DistributedOptimizer``, alone or
+    """Refuse an optimizer wrapped by Horovod's Keras ``DistributedOptimizer``, alone or
     inside another wrapper (a loss-scale optimizer)."""
     inner = optimizer
     while inner is not None and not any(hasattr(inner, a) for a in _HOROVOD_WRAPPER_ATTRIBUTES):
         inner = getattr(inner, "inner_optimizer", None)
     if inner is not None:
+        harm = ("is written for Keras 2: around a Keras 3 optimizer it all-reduces no "
+                "gradient, so the ranks would drift apart silently" if keras_compat.KERAS3
+                else "all-reduces the gradients itself: they would be all-reduced twice, "
+                "outside the loss scaling")
         raise ValueError(
             f"{where}: this optimizer is wrapped by horovod.tensorflow.keras."
-            "DistributedOptimizer, which is written for Keras 2: around a Keras 3 "
-            "optimizer it all-reduces no gradient, so the ranks would drift apart "
-            "silently. Pass the plain optimizer and wrap it in "
+            f"DistributedOptimizer, which {harm}. Pass the plain optimizer and wrap it in "
             "lars_tf.DistributedOptimizer instead")
 
 
-@keras.saving.register_keras_serializable(package="lars_tf")
-class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
-    """Wraps a Keras 3 optimizer so that ``apply`` all-reduces the gradients first, with
+@keras_compat.register
+class DistributedOptimizer(keras_compat.DistributedOptimizerBase):
+    """Wraps a Keras optimizer so that applying gradients all-reduces them first, with
     dynamic loss scaling around the all-reduce under ``mixed_float16``.
 
     Args:
@@ -101,11 +104,29 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
             ``"dynamic"``: always; ``"none"``: never.
         initial_scale, dynamic_growth_steps: the loss scale ``S`` to start from, and how
             many good updates in a row double it (Keras' ``LossScaleOptimizer``'s).
+        noise_scale_every: ``N > 0``: measure the gradient noise scale on every N-th update
+            (see ``noise_scale_stats``; 0, the default, measures nothing). It needs more
+            than one gradient per update: 2+ ranks, or ``backward_passes_per_step > 1``.
+
+    The gradient noise scale (McCandlish et al. 2018, "An Empirical Model of Large-Batch
+    Training", Appendix A) from what the update computes anyway: each backward pass's
+    local gradient ``g_i`` (``b`` examples) and their mean ``g`` over the ``r = ranks x k``
+    passes of the update (``B = r b`` examples). With ``|g_small|^2`` the mean of
+    ``|g_i|^2`` (one more scalar in the all-reduce) and ``|g_big|^2 = |g|^2``::
+
+        |G|^2     ~ (r |g_big|^2 - |g_small|^2) / (r - 1)       (unbiased)
+        tr(S) / b ~ (|g_small|^2 - |g_big|^2) r / (r - 1)        (unbiased)
+        B_simple  = tr(S) / |G|^2
+
+    where ``S`` is the per-example gradient covariance. Both estimates are summed over
+    the measured updates (after unscaling, and only for finite gradients);
+    ``lars_tf.callbacks.GradientNoiseScale`` turns each epoch's means into ``B_simple``
+    in examples.
 
     A skipped update (non-finite gradients) still counts as an update for the wrapped
     optimizer's ``iterations``, so its learning-rate schedule stays tied to the data seen:
-    the ``j``-th update of a run uses ``lr(j)`` whatever was skipped before it (as on
-    Keras 2, whose loss-scale optimizer counts skipped steps too).
+    the ``j``-th update of a run uses ``lr(j)`` whatever was skipped before it (as Keras'
+    loss-scale optimizers count skipped steps too).
 
     Usage (under ``horovodrun``, after ``lars_tf.init()``; in a plain process that no
     launcher started it is a world of one, and all-reduces nothing)::
@@ -114,20 +135,25 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
         model = ...
         model.compile(optimizer=lars_tf.DistributedOptimizer(lars_tf.LARS(1.0)), loss=...)
 
-    Horovod's ops have no XLA kernels: ``jit_compile=True`` is refused, and Keras'
-    default ``jit_compile="auto"`` is turned off (with one warning where it would have
-    turned XLA on, i.e. where a GPU is found).
+    On Keras 2 the same works with ``tf.keras``; a custom loop there scales the loss with
+    ``get_scaled_loss`` (or calls ``minimize``) and passes the scaled gradients to
+    ``apply_gradients`` as they are: they are unscaled after the all-reduce.
+
+    Horovod's ops have no XLA kernels: a training step compiled with XLA is refused (on
+    Keras 3 already at ``compile(jit_compile=True)``, and Keras' default
+    ``jit_compile="auto"`` is turned off, with one warning where it would have turned XLA
+    on, i.e. where a GPU is found).
     """
 
     def __init__(self, optimizer, compression: str = "none", backward_passes_per_step: int = 1,
                  gradient_predivide_factor: float = 1.0, sparse_as_dense: bool | None = None,
                  average: bool = True, loss_scale: str = "auto",
                  initial_scale: float = 2.0 ** 15, dynamic_growth_steps: int = 2000,
-                 name: str | None = None, **kwargs):
+                 noise_scale_every: int = 0, name: str | None = None, **kwargs):
         check_not_horovod_wrapped(optimizer, "lars_tf.DistributedOptimizer")
-        if not isinstance(optimizer, keras.optimizers.Optimizer):
-            raise ValueError(f"lars_tf.DistributedOptimizer wraps a Keras 3 optimizer, got "
-                             f"{type(optimizer).__name__}")
+        if not isinstance(optimizer, tf.keras.optimizers.Optimizer):
+            raise ValueError(f"lars_tf.DistributedOptimizer wraps a Keras optimizer "
+                             f"(tf.keras.optimizers.Optimizer), got {type(optimizer).__name__}")
         for arg, default in _BASE_ARGUMENT_DEFAULTS.items():
             if arg in kwargs and kwargs.pop(arg) != default:
                 raise ValueError(
@@ -148,6 +174,9 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
                 f"--gradient_predivide_factor={gradient_predivide_factor}: must be > 0")
         if loss_scale not in LOSS_SCALES:
             raise ValueError(f"loss_scale={loss_scale!r}: must be one of {LOSS_SCALES}")
+        if int(noise_scale_every) != noise_scale_every or noise_scale_every < 0:
+            raise ValueError(f"--noise_scale_every={noise_scale_every}: must be an integer "
+                             ">= 0 (0: off)")
         inner_scales = keras_compat.find_loss_scale_optimizer(optimizer) is not None
         if loss_scale == "dynamic" and inner_scales:
             raise ValueError(
@@ -156,12 +185,11 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
                 "LossScaleOptimizer")
         if loss_scale == "auto":
             loss_scale = ("dynamic" if not inner_scales
-                          and keras.config.dtype_policy().name == "mixed_float16" else "none")
+                          and keras_compat.global_policy_name() == "mixed_float16" else "none")
         from lars_tf import distributed
 
-        # LossScaleOptimizer's own __init__ takes none of these options: set up the base.
-        keras.optimizers.Optimizer.__init__(
-            self, learning_rate=0.0, name=name or f"Distributed{optimizer.name}")
+        inner_name = getattr(optimizer, "name", None) or type(optimizer).__name__  # Keras 2's
+        self._init_base(name or f"Distributed{inner_name}")  # LossScaleOptimizer has none
         self.inner_optimizer = optimizer
         self.compression = compression
         self.backward_passes_per_step = int(backward_passes_per_step)
@@ -169,17 +197,17 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
         self.sparse_as_dense = distributed.needs_dense_gradients(
             self.backward_passes_per_step, self.gradient_predivide_factor, sparse_as_dense)
         self.average = bool(average)
-        self.loss_scale = loss_scale
+        self.loss_scale_mode = loss_scale
         self.initial_scale = float(initial_scale)
         self.dynamic_growth_steps = int(dynamic_growth_steps)
-        if self.scales_loss:
-            self.inner_optimizer.loss_scale_factor = None  # scaled once, here
-        guard_jit_compile()
+        self.noise_scale_every = int(noise_scale_every)
+        if self.scales_loss and hasattr(optimizer, "loss_scale_factor"):
+            optimizer.loss_scale_factor = None  # Keras 3: scaled once, here
 
     @property
     def scales_loss(self) -> bool:
         """Whether this optimizer scales the loss (dynamic loss scaling)."""
-        return self.loss_scale == "dynamic"
+        return self.loss_scale_mode == "dynamic"
 
     # -- the all-reduce ------------------------------------------------------------------
     def allreduce(self, grads: list) -> list:
@@ -214,25 +242,37 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
                 out.append(tf.cast(reduced, g.dtype))
         return out
 
-    # -- Keras optimizer protocol ----------------------------------------------------------
-    def build(self, var_list):
-        if self.built:
-            return
-        var_list = list(var_list)
+    # -- what both stacks' protocols call ------------------------------------------------
+    def _build_state(self, var_list: list) -> None:
+        """This optimizer's own variables, once, after the wrapped optimizer's: the
+        accumulators (``k > 1``) and the loss scale with its good-update counter."""
         with tf.init_scope():  # eager even when the first apply is being traced
             self._check_same_variables_on_every_rank(var_list)
-        keras.optimizers.Optimizer.build(self, var_list)
-        self.inner_optimizer.build(var_list)
         if self.backward_passes_per_step > 1:
-            self._accumulators = [self.add_variable_from_reference(v, "accumulated_gradient")
-                                  for v in var_list]
+            self._accumulators = [self._new_slot(v, "accumulated_gradient") for v in var_list]
         if self.scales_loss:
-            self.step_counter = self.add_variable(
-                shape=(), dtype="int", initializer="zeros", name="step_counter")
-            self.dynamic_scale = self.add_variable(
-                shape=(), dtype="float32",
-                initializer=keras.initializers.Constant(self.initial_scale),
-                name="dynamic_scale")
+            self.step_counter = self._new_scalar("step_counter", "int64", 0)
+            self.dynamic_scale = self._new_scalar("dynamic_scale", "float32",
+                                                  self.initial_scale)
+        if self.noise_scale_every:
+            from lars_tf import distributed
+
+            with tf.init_scope():
+                r = self.backward_passes_per_step * (
+                    distributed.size() if distributed.is_initialized() else 1)
+            if r < 2:
+                raise ValueError(
+                    f"--noise_scale_every={self.noise_scale_every}: the gradient noise scale "
+                    "compares the gradients of the backward passes of an update with their "
+                    "mean, and this update has one (1 rank, backward_passes_per_step=1): "
+                    "run 2+ ranks or accumulate 2+ passes")
+            self._gradients_per_update = r
+            # this rank's sum of |g_i|^2 over the window's passes (local, like the
+            # accumulators); the sums of the two estimates and how many updates they hold
+            self._pass_sq_norms = self._new_scalar("pass_sq_norms", "float32", 0.0)
+            self.noise_g2_sum = self._new_scalar("noise_g2_sum", "float64", 0.0)
+            self.noise_trace_sum = self._new_scalar("noise_trace_sum", "float64", 0.0)
+            self.noise_count = self._new_scalar("noise_count", "int64", 0)
 
     def _check_same_variables_on_every_rank(self, var_list) -> None:
         """Gradients are all-reduced by position: every rank must hold the same variables
@@ -244,7 +284,7 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
 
         if distributed.size_or_one("lars_tf.DistributedOptimizer") == 1:
             return
-        mine = [(keras_compat.variable_path(v), tuple(v.shape), str(v.dtype))
+        mine = [(keras_compat.variable_path(v), tuple(v.shape), tf.as_dtype(v.dtype).name)
                 for v in var_list]
         every = distributed.gather_object(mine, name=f"lars_tf.variables.{self.name}")
         for rank, theirs in enumerate(every):
@@ -258,22 +298,20 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
                 f"{_describe(every[0], i)} on rank 0 but {_describe(theirs, i)} on rank "
                 f"{rank}. Build the same model, in the same order, on every rank")
 
-    def apply(self, grads, trainable_variables=None):
+    def _apply_distributed(self, grads: list, trainable_variables: list) -> None:
+        """One backward pass's (scaled) gradients: accumulated, or all-reduced and applied
+        at the end of a window; ``iterations`` counts the pass."""
         if control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph()):
             raise ValueError(JIT_REFUSED)
-        grads = list(grads)
-        if trainable_variables is None:
-            trainable_variables = self._trainable_variables
-        trainable_variables = list(trainable_variables)
-        if not self.built:
-            with keras.name_scope(self.name, caller=self):
-                self.build(trainable_variables)
         if self.sparse_as_dense:
             grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
                      for g in grads]
+        if self.noise_scale_every:
+            self._pass_sq_norms.assign_add(tf.cond(
+                self._measures_noise(), lambda: _squared_norm(grads), lambda: 0.0))
         k = self.backward_passes_per_step
         if k == 1:
-            self._update(self.allreduce(grads), trainable_variables)
+            self._update(*self._reduce(grads), trainable_variables)
         else:
             for acc, g in zip(self._accumulators, grads):
                 if g is not None:
@@ -282,7 +320,7 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
             def update():
                 mean = [None if g is None else acc / k
                         for acc, g in zip(self._accumulators, grads)]
-                self._update(self.allreduce(mean), trainable_variables)
+                self._update(*self._reduce(mean), trainable_variables)
                 for acc in self._accumulators:
                     acc.assign(tf.zeros_like(acc))
                 return tf.constant(True)
@@ -291,16 +329,83 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
                     lambda: tf.constant(False))
         self._iterations.assign_add(1)
 
-    def _update(self, grads: list, trainable_variables: list) -> None:
+    def _measures_noise(self) -> tf.Tensor:
+        """Whether the update this backward pass belongs to measures the noise scale."""
+        update = self._iterations // self.backward_passes_per_step
+        return tf.equal(update % self.noise_scale_every, 0)
+
+    def _reduce(self, grads: list) -> tuple[list, tf.Tensor | None]:
+        """The all-reduced gradients and, when the noise scale is measured, the ranks' mean
+        of this window's mean squared pass norm: one scalar more, all-reduced beside the
+        gradients (Horovod fuses it with them), so measuring adds no round trip."""
+        from lars_tf import distributed
+
+        reduced = self.allreduce(grads)
+        if not self.noise_scale_every:
+            return reduced, None
+        small = self._pass_sq_norms / float(self.backward_passes_per_step)
+        if distributed.is_initialized():
+            small = distributed.allreduce_gradient(small,
+                                                   postscale_factor=1.0 / distributed.size())
+        return reduced, small
+
+    def _record_noise(self, grads: list, small: tf.Tensor, scale) -> None:
+        """Add this update's two unbiased estimates (see the class docstring) to their sums,
+        from the all-reduced mean gradient ``grads`` and the ranks' mean squared pass norm
+        ``small``, both still multiplied by the loss scale ``scale``. Every rank gets the
+        same figures. Called at the end of a window, on every rank alike."""
+
+        def measure():
+            r = float(self._gradients_per_update)
+            big = _squared_norm(grads)
+            s2 = tf.square(tf.cast(scale, tf.float64))
+            small_, big = tf.cast(small, tf.float64) / s2, tf.cast(big, tf.float64) / s2
+            g2 = (r * big - small_) / (r - 1.0)
+            trace = (small_ - big) * r / (r - 1.0)
+            ok = tf.math.is_finite(g2) & tf.math.is_finite(trace)
+            self.noise_g2_sum.assign_add(tf.where(ok, g2, tf.zeros_like(g2)))
+            self.noise_trace_sum.assign_add(tf.where(ok, trace, tf.zeros_like(trace)))
+            self.noise_count.assign_add(tf.cast(ok, tf.int64))
+            return tf.constant(True)
+
+        # the window's passes all had the same verdict (one update index)
+        tf.cond(self._measures_noise(), measure, lambda: tf.constant(False))
+        self._pass_sq_norms.assign(0.0)
+
+    def noise_scale_stats(self) -> dict:
+        """The sums since the last reset: ``g2_sum`` (of the estimates of ``|G|^2``),
+        ``trace_per_pass_sum`` (of ``tr(S) / b``, ``b`` the examples of one backward pass
+        on one rank) and ``count`` (the updates they hold). ``B_simple = b *
+        trace_per_pass_sum / g2_sum``. Empty when the noise scale is not measured."""
+        if not self.noise_scale_every or not self.is_built:
+            return {}
+        return {"g2_sum": float(self.noise_g2_sum.numpy()),
+                "trace_per_pass_sum": float(self.noise_trace_sum.numpy()),
+                "count": int(self.noise_count.numpy())}
+
+    def reset_noise_scale_stats(self) -> None:
+        """Start new sums (``GradientNoiseScale`` does at every epoch's start; the same on
+        every rank)."""
+        if self.noise_scale_every and self.is_built:
+            for v in (self.noise_g2_sum, self.noise_trace_sum, self.noise_count):
+                v.assign(tf.zeros_like(v))
+
+    def _update(self, grads: list, small: tf.Tensor | None,
+                trainable_variables: list) -> None:
         """One weight update from the all-reduced (still scaled) gradients: unscaled,
-        checked and applied, or skipped, the same way on every rank."""
+        checked and applied, or skipped, the same way on every rank. ``small``: see
+        ``_reduce``."""
         if not self.scales_loss:
-            self.inner_optimizer.apply(grads, trainable_variables)
+            if self.noise_scale_every:
+                self._record_noise(grads, small, 1.0)
+            self._inner_apply(grads, trainable_variables)
             return
 
         def apply_finite():
             scale = self.dynamic_scale
-            self.inner_optimizer.apply(
+            if self.noise_scale_every:
+                self._record_noise(grads, small, scale)
+            self._inner_apply(
                 [None if g is None else g / tf.cast(scale, g.dtype) for g in grads],
                 trainable_variables)
             grow = tf.equal(self.step_counter, self.dynamic_growth_steps - 1)
@@ -310,30 +415,20 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
             return tf.constant(True)
 
         def skip():
+            if self.noise_scale_every:
+                self._pass_sq_norms.assign(0.0)
             self.step_counter.assign(tf.zeros_like(self.step_counter))
             self.dynamic_scale.assign(self.dynamic_scale * 0.5)
             self.inner_optimizer.iterations.assign_add(1)  # the schedule counts it
             return tf.constant(False)
 
-        tf.cond(self.check_finite(grads), apply_finite, skip)
+        tf.cond(_all_finite(grads), apply_finite, skip)
 
-    def scale_loss(self, loss):
-        if self.scales_loss:
-            scale = self.dynamic_scale if self.built else self.initial_scale
-            return loss * tf.cast(scale, loss.dtype)
-        return self.inner_optimizer.scale_loss(loss)
+    def _scaled(self, loss):
+        scale = self.dynamic_scale if self.is_built else self.initial_scale
+        return loss * tf.cast(scale, loss.dtype)
 
-    def local_variables(self) -> list:
-        """This rank's own state: the gradient sums of the accumulation window (zero at
-        every window's end, so at every checkpoint), which differ between ranks."""
-        return list(getattr(self, "_accumulators", []))
-
-    @property
-    def iterations(self):
-        """Backward passes (the wrapped optimizer's ``iterations`` counts updates)."""
-        return self._iterations
-
-    def save_own_variables(self, store):
+    def _check_window_end(self) -> None:
         k = self.backward_passes_per_step
         if k > 1 and int(self._iterations.numpy()) % k:
             raise ValueError(
@@ -341,28 +436,56 @@ class DistributedOptimizer(keras.optimizers.LossScaleOptimizer):
                 f"{int(self._iterations.numpy())}, in the middle of an accumulation window "
                 f"of backward_passes_per_step={k}, would store half-accumulated gradients. "
                 f"Save at the end of a window: make steps_per_epoch a multiple of {k}")
-        super().save_own_variables(store)
+
+    def local_variables(self) -> list:
+        """This rank's own state: the gradient sums of the accumulation window and its
+        pass norms (zero at every window's end, so at every checkpoint), which differ
+        between ranks."""
+        return [*getattr(self, "_accumulators", []),
+                *([self._pass_sq_norms] if hasattr(self, "_pass_sq_norms") else [])]
 
     def get_config(self):
         return {
             "name": self.name,
-            "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "optimizer": tf.keras.optimizers.serialize(self.inner_optimizer),
             "compression": self.compression,
             "backward_passes_per_step": self.backward_passes_per_step,
             "gradient_predivide_factor": self.gradient_predivide_factor,
             "sparse_as_dense": self.sparse_as_dense,
             "average": self.average,
-            "loss_scale": self.loss_scale,  # resolved: a load does not depend on the policy
+            # resolved: a load does not depend on the policy
+            "loss_scale": self.loss_scale_mode,
             "initial_scale": self.initial_scale,
             "dynamic_growth_steps": self.dynamic_growth_steps,
+            "noise_scale_every": self.noise_scale_every,
         }
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        inner = keras.saving.deserialize_keras_object(config.pop("optimizer"),
-                                                      custom_objects=custom_objects)
+        inner = tf.keras.optimizers.deserialize(config.pop("optimizer"),
+                                                custom_objects=custom_objects)
         return cls(inner, **config)
+
+
+def _squared_norm(grads: list) -> tf.Tensor:
+    """The squared L2 norm of all gradients together, in float32 (a sparse gradient's
+    repeated rows added up first, as its dense form would have them)."""
+    total = tf.constant(0.0, tf.float32)
+    for g in grads:
+        if g is None:
+            continue
+        if isinstance(g, tf.IndexedSlices):
+            rows, position = tf.unique(g.indices)
+            g = tf.math.unsorted_segment_sum(g.values, position, tf.size(rows))
+        total += tf.reduce_sum(tf.square(tf.cast(g, tf.float32)))
+    return total
+
+
+def _all_finite(grads: list) -> tf.Tensor:
+    """True when no gradient holds an Inf or NaN."""
+    checks = [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
+    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
 
 
 def _describe(variables: list, i: int) -> str:

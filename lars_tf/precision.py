@@ -13,12 +13,11 @@ Every rank makes the same skip decision because it is taken on the all-reduced g
 an Inf/NaN on any one rank becomes Inf/NaN in the sum that every rank receives. With
 Horovod gradient accumulation the decision is taken once per weight update, on the
 all-reduced accumulated gradients, and S only changes then, so the scaled gradients of one
-accumulation window all share one S.
+accumulation window all share one S. ``lars_tf.DistributedOptimizer`` does all of it, on
+both stacks.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -55,14 +54,12 @@ def needs_loss_scaling(precision: str) -> bool:
 def wrap_loss_scale(
     optimizer: tf.keras.optimizers.Optimizer,
     precision: str,
-    is_update_step: Callable[[], tf.Tensor] | None = None,
     initial_scale: float = 2.0 ** 15,
     dynamic_growth_steps: int = 2000,
 ) -> tf.keras.optimizers.Optimizer:
     """``optimizer`` under Keras' dynamic loss scaling when ``precision`` needs it, else as
-    is. ``is_update_step`` (Keras 2, around Horovod's accumulating optimizer): see
-    ``lars_tf.keras_compat.loss_scale_optimizer``."""
+    is: for one process. With Horovod, ``lars_tf.DistributedOptimizer`` scales the loss
+    itself, around the all-reduce (``lars_tf.distributed.wrap_optimizer``)."""
     if not needs_loss_scaling(precision):
         return optimizer
-    return keras_compat.loss_scale_optimizer(optimizer, initial_scale, dynamic_growth_steps,
-                                             is_update_step)
+    return keras_compat.loss_scale_optimizer(optimizer, initial_scale, dynamic_growth_steps)

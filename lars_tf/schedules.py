@@ -26,10 +26,8 @@ class WarmupPolynomialDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
         lr(t) = end                                              \quad t > T
 
     This is the schedule of "ImageNet Training in Minutes" (power 2 by default). Steps count
-    weight updates. With Horovod gradient accumulation the optimizer's step counter advances
-    once per backward pass, ``backward_passes_per_step`` times per update; give that number
-    here and the schedule divides the counter by it, so that the ``j``-th update uses
-    ``lr(j)`` whatever the accumulation.
+    weight updates: inside ``lars_tf.DistributedOptimizer`` the optimizer's step counter
+    advances once per update whatever the gradient accumulation.
 
     >>> s = WarmupPolynomialDecay(peak_learning_rate=2.0, warmup_steps=10, total_steps=110)
     >>> float(s(5)), float(s(10)), float(s(60)), float(s(110))
@@ -43,18 +41,15 @@ class WarmupPolynomialDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
         total_steps: int,
         end_learning_rate: float = 0.0,
         power: float = 2.0,
-        backward_passes_per_step: int = 1,
         warmup_start_learning_rate: float = 0.0,
         name: str | None = None,
     ):
         super().__init__()
         # step counts may come as whole floats (3.0), as Keras' own schedules allow
-        warmup_steps, total_steps, backward_passes_per_step = (
+        warmup_steps, total_steps = (
             int(x) if isinstance(x, float) and x.is_integer() else x
-            for x in (warmup_steps, total_steps, backward_passes_per_step))
+            for x in (warmup_steps, total_steps))
         name_ = "WarmupPolynomialDecay"
-        check_number(f"{name_} backward_passes_per_step", backward_passes_per_step, lo=1,
-                     integer=True)
         check_number(f"{name_} peak_learning_rate", peak_learning_rate, lo=0, lo_open=True)
         check_number(f"{name_} end_learning_rate", end_learning_rate, lo=0,
                      hi=peak_learning_rate)
@@ -69,13 +64,12 @@ class WarmupPolynomialDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
         self.total_steps = int(total_steps)
         self.end_learning_rate = float(end_learning_rate)
         self.power = float(power)
-        self.backward_passes_per_step = int(backward_passes_per_step)
         self.warmup_start_learning_rate = float(warmup_start_learning_rate)
         self.name = name
 
     def __call__(self, step):
         with tf.name_scope(self.name or "WarmupPolynomialDecay"):
-            t = tf.cast(step // self.backward_passes_per_step, tf.float32)
+            t = tf.cast(step, tf.float32)
             peak = tf.constant(self.peak_learning_rate, tf.float32)
             end = tf.constant(self.end_learning_rate, tf.float32)
             start = tf.constant(self.warmup_start_learning_rate, tf.float32)
@@ -93,10 +87,24 @@ class WarmupPolynomialDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
             "total_steps": self.total_steps,
             "end_learning_rate": self.end_learning_rate,
             "power": self.power,
-            "backward_passes_per_step": self.backward_passes_per_step,
             "warmup_start_learning_rate": self.warmup_start_learning_rate,
             "name": self.name,
         }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        # lars_tf <= 0.1 saved the accumulation (Horovod's counter stepped every backward
+        # pass); with lars_tf.DistributedOptimizer the step counts updates
+        k = config.pop("backward_passes_per_step", 1)
+        if k != 1:
+            raise ValueError(
+                f"WarmupPolynomialDecay: this schedule was saved with backward_passes_per_step"
+                f"={k}, for Horovod's Keras 2 optimizer, whose step counter advanced every "
+                "backward pass. lars_tf.DistributedOptimizer counts updates: rebuild the "
+                "schedule in updates (warmup_steps and total_steps divided by "
+                f"{k}) and train through it")
+        return cls(**config)
 
 
 

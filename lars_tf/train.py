@@ -118,6 +118,8 @@ class Trainer:
             cb.SkippedRecords(datasets.skipped),
             tta,
             cb.LearningRateLogger(optimizer),
+            *([cb.GradientNoiseScale(optimizer, config.per_rank_batch_size(world.size))]
+              if config.noise_scale_every else []),
             cb.EpochLog(self.history),
             *(callbacks or []),
             # last: a checkpoint holds what the user's callbacks did at the epoch's end

@@ -6,7 +6,6 @@ Every job here is a real Horovod run (Gloo, 2 ranks) or a single process.
 import numpy as np
 import pytest
 
-from lars_tf import keras_compat
 from lars_tf.testing import launcher, run_job
 
 GLOBAL = 512
@@ -53,11 +52,9 @@ def test_split_batch_equals_one_big_batch(ranks, passes, one_process, tmp_path):
                 f"one process at batch {GLOBAL}")
 
 
-@pytest.mark.skipif(not keras_compat.KERAS3, reason="Keras 2 wraps optimizers with Horovod's "
-                    "own DistributedOptimizer (tested above with LARS)")
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_keras_optimizers_through_the_distributed_optimizer(optimizer, one_process, tmp_path):
-    """lars_tf.DistributedOptimizer wraps any Keras 3 optimizer: Keras' SGD (momentum, the
+    """lars_tf.DistributedOptimizer wraps any Keras optimizer: Keras' SGD (momentum, the
     schedule) and Adam (whose bias correction counts updates, not backward passes), on 2
     ranks x 2 passes, equal one process at the same global batch."""
     ref, init = one_process(f"optimizer={optimizer}")

@@ -32,6 +32,18 @@ def test_schedule_no_warmup_and_serialization():
     np.testing.assert_allclose([float(clone(t)) for t in steps], [float(s(t)) for t in steps])
 
 
+def test_a_schedule_saved_for_horovods_accumulation_is_refused_with_the_rewrite():
+    """Earlier versions saved ``backward_passes_per_step`` (Horovod's Keras 2 optimizer
+    stepped the schedule every backward pass); lars_tf.DistributedOptimizer counts updates,
+    so such a schedule would run k times too fast. 1 (the default) still loads."""
+    config = WarmupPolynomialDecay(peak_learning_rate=1.0, warmup_steps=4,
+                                   total_steps=40).get_config()
+    old = WarmupPolynomialDecay.from_config({**config, "backward_passes_per_step": 1})
+    assert old.get_config() == config
+    with pytest.raises(ValueError, match="backward_passes_per_step=4.*divided by 4"):
+        WarmupPolynomialDecay.from_config({**config, "backward_passes_per_step": 4})
+
+
 @pytest.mark.parametrize("kwargs, word", [
     (dict(peak_learning_rate=0.0, warmup_steps=1, total_steps=2), "peak_learning_rate"),
     (dict(peak_learning_rate=1.0, warmup_steps=5, total_steps=2), "warmup_steps"),

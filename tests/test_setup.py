@@ -60,7 +60,9 @@ def test_a_gpu_build_that_cannot_be_made_is_refused(env, message, tmp_path):
         (fake / "bin" / "nvcc").chmod(0o755)
         env["LARS_TF_CUDA_HOME"] = str(fake)
         message = "LARS_TF_CUDA_ARCHS=sm_80: give compute capabilities like 80,90"
-    err = _setup(tmp_path, LARS_TF_GPU="1", **env)
+    # the default stack unless the case says otherwise, whichever stack runs the suite
+    # (LARS_TF_STACK=keras2 make test exports it)
+    err = _setup(tmp_path, LARS_TF_GPU="1", **{"LARS_TF_STACK": "keras3", **env})
     assert message in err
 
 

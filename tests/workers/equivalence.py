@@ -43,9 +43,7 @@ rows = np.concatenate([
 
 tf.keras.utils.set_random_seed(7)
 model = models.get("mlp", (28, 28, 1), 10)
-schedule = WarmupPolynomialDecay(peak_learning_rate=2.0, warmup_steps=2, total_steps=UPDATES,
-                                 backward_passes_per_step=distributed.passes_per_counted_step(
-                                     passes))
+schedule = WarmupPolynomialDecay(peak_learning_rate=2.0, warmup_steps=2, total_steps=UPDATES)
 local = {
     "lars": lambda: LARS(learning_rate=schedule, momentum=0.9, weight_decay=1e-3,
                          trust_coefficient=0.01),

@@ -1,4 +1,4 @@
-"""The Keras 3 Python API as a user writes it: plain ``model.compile`` and ``model.fit``
+"""The Keras Python API as a user writes it: plain ``model.compile`` and ``model.fit``
 around ``lars_tf.DistributedOptimizer``, nothing of the Trainer.
 
     horovodrun -np 2 python tests/workers/keras_api.py MODE OUT_DIR
@@ -47,7 +47,11 @@ class Record(keras.callbacks.Callback):
 
 
 def state(optimizer) -> dict:
-    return {f"opt{i}": np.asarray(v) for i, v in enumerate(optimizer.variables)}
+    """Every variable of the optimizer stack (the wrapped LARS' too), in a stable order."""
+    from lars_tf import checkpoint
+
+    return {f"opt{i}": np.asarray(v)
+            for i, v in enumerate(checkpoint.state_variables(optimizer=optimizer))}
 
 
 if mode == "overflow":

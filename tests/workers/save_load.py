@@ -1,9 +1,11 @@
 """Save models compiled with the lars_tf stack, then load them in a fresh process.
 
     python tests/workers/save_load.py save OUT_DIR   (plain-model.{keras,h5}: LARS alone;
-                                                      horovod-model.{keras,h5}: inside
-                                                      the distributed optimizer: Horovod's
-                                                      on Keras 2, lars_tf's on Keras 3)
+                                                      lars_tf-model.{keras,h5}: inside
+                                                      lars_tf.DistributedOptimizer;
+                                                      horovod-model.{keras,h5} (Keras 2):
+                                                      inside Horovod's, as users' own
+                                                      scripts do)
     python tests/workers/save_load.py load PATH...
 """
 
@@ -17,18 +19,16 @@ from lars_tf import keras_compat
 
 if sys.argv[1] == "save":
     out = sys.argv[2]
-    if keras_compat.KERAS3:
-        lars_tf.init()  # before TensorFlow runs anything: it fixes the thread pools
-    for wrap in ("plain", "horovod"):
+    lars_tf.init()  # before TensorFlow runs anything: it fixes the thread pools
+    for wrap in ("plain", "lars_tf", *([] if keras_compat.KERAS3 else ["horovod"])):
         schedule = lars_tf.WarmupPolynomialDecay(peak_learning_rate=2.0, warmup_steps=3,
                                                  total_steps=20)
         optimizer = lars_tf.LARS(learning_rate=schedule, momentum=0.8, weight_decay=1e-4)
-        if wrap == "horovod" and keras_compat.KERAS3:
+        if wrap == "lars_tf":
             optimizer = lars_tf.DistributedOptimizer(optimizer)
         elif wrap == "horovod":
             import horovod.tensorflow.keras as hvd
 
-            hvd.init()
             optimizer = hvd.DistributedOptimizer(optimizer)
         model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(2, name="d")])
         # a loss object: Keras 3's .h5 loader cannot read back the name "mse"
