@@ -361,6 +361,45 @@ class LearningRateLogger(tf.keras.callbacks.Callback):
             logs["loss_scale"] = keras_compat.loss_scale_state(self.stack)[0]
 
 
+class GradientNoiseScale(tf.keras.callbacks.Callback):
+    """Each epoch's gradient noise scale ``B_simple`` (McCandlish et al. 2018), into the
+    logs (so the epoch log, TensorBoard and the run summary's history get it), from a
+    ``lars_tf.DistributedOptimizer`` made with ``noise_scale_every=N``.
+
+    ``pass_batch_size`` is ``b``, the examples of one backward pass on one rank (global
+    batch / (ranks x backward_passes_per_step)). Logs ``noise_scale`` (``B_simple`` in
+    examples: ``tr(S) / |G|^2``), ``grad_sq_norm`` (``|G|^2``) and ``grad_noise_trace``
+    (``tr(S)``), each from the epoch's mean of the unbiased per-update estimates, numerator
+    and denominator averaged apart and then divided, as the paper smooths them (it uses
+    moving averages; an epoch is the window here). When the epoch's ``|G|^2`` estimate is
+    not positive (noise dominates the mean gradient, late in training) ``noise_scale`` is
+    left out. Every rank computes the same figures."""
+
+    def __init__(self, optimizer, pass_batch_size: int):
+        super().__init__()
+        found = optimizer
+        while found is not None and not getattr(found, "noise_scale_every", 0):
+            found = getattr(found, "inner_optimizer", None)
+        if found is None:
+            raise ValueError("GradientNoiseScale: the optimizer measures no noise scale; "
+                             "make it lars_tf.DistributedOptimizer(..., noise_scale_every=N)")
+        self.optimizer, self.pass_batch_size = found, int(pass_batch_size)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.optimizer.reset_noise_scale_stats()
+
+    def on_epoch_end(self, epoch, logs=None):
+        stats = self.optimizer.noise_scale_stats()
+        if logs is None or not stats.get("count"):
+            return
+        g2 = stats["g2_sum"] / stats["count"]
+        trace = self.pass_batch_size * stats["trace_per_pass_sum"] / stats["count"]
+        logs["grad_sq_norm"] = g2
+        logs["grad_noise_trace"] = trace
+        if g2 > 0:
+            logs["noise_scale"] = trace / g2
+
+
 class EpochLog(tf.keras.callbacks.Callback):
     """Appends each epoch's figures (the logs of the callbacks before it) to ``history``."""
 
@@ -386,10 +425,11 @@ class LogEpoch(tf.keras.callbacks.Callback):
         row = self.history[-1]
         test = row.get("test_accuracy")
         logging.info(
-            "epoch %3d  loss %.4f  train acc %.4f  test acc %s  lr %.4g  %.0f images/sec",
+            "epoch %3d  loss %.4f  train acc %.4f  test acc %s  lr %.4g  %.0f images/sec%s",
             row["epoch"], row.get("loss", math.nan), row.get("accuracy", math.nan),
             "  -   " if test is None else f"{test:.4f}", row.get("learning_rate", math.nan),
-            row.get("images_per_sec", math.nan))
+            row.get("images_per_sec", math.nan),
+            f"  B_simple {row['noise_scale']:.0f}" if "noise_scale" in row else "")
 
 
 class SaveCheckpoints(tf.keras.callbacks.Callback):

@@ -65,7 +65,9 @@ flags.DEFINE_integer("global_batch_size", _D.global_batch_size,
                      "Examples per weight update, summed over all ranks.")
 flags.DEFINE_integer("epochs", _D.epochs, "Training epochs.")
 flags.DEFINE_enum("optimizer", _D.optimizer, list(OPTIMIZERS),
-                  "lars, or sgd: momentum SGD with the same weight decay, no trust ratio.")
+                  "lars; sgd: momentum SGD with the same weight decay, no trust ratio; "
+                  "nesterov: the same with Nesterov momentum; lamb: Keras 3's LAMB "
+                  "(--momentum is its beta_1; decoupled weight decay).")
 flags.DEFINE_float("learning_rate", _D.learning_rate,
                    "Peak learning rate for the global batch, reached after warmup.")
 flags.DEFINE_float("warmup_epochs", _D.warmup_epochs,
@@ -97,6 +99,11 @@ flags.DEFINE_integer("max_skipped_updates", _D.max_skipped_updates,
                      "mixed_float16: stop (exit 4) when this many consecutive weight updates "
                      "were skipped for non-finite gradients at the minimum loss scale, "
                      "which no lower scale can cure (0: never).")
+flags.DEFINE_integer("noise_scale_every", _D.noise_scale_every,
+                     "Measure the gradient noise scale B_simple (McCandlish et al. 2018) on "
+                     "every N-th update, from each backward pass's local gradient and the "
+                     "all-reduced one, and log it per epoch (0: off). Needs 2+ ranks or "
+                     "--backward_passes_per_step > 1.")
 flags.DEFINE_float("label_smoothing", _D.label_smoothing, "Label smoothing of the loss.")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N epochs (and at the end).")
 flags.DEFINE_float("target_accuracy", _D.target_accuracy,

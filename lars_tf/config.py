@@ -12,7 +12,7 @@ from lars_tf.validation import check_number
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DATA_DIR_ENV = "LARS_TF_DATA_DIR"
 
-OPTIMIZERS = ("lars", "sgd")
+OPTIMIZERS = ("lars", "sgd", "nesterov", "lamb")
 PRECISIONS = ("fp32", "mixed_float16", "mixed_bfloat16")
 
 
@@ -61,6 +61,7 @@ class TrainConfig:
     gradient_predivide_factor: float = 1.0
     sparse_as_dense: bool = False
     max_skipped_updates: int = 100
+    noise_scale_every: int = 0
     label_smoothing: float = 0.0
     eval_every: int = 1
     target_accuracy: float = 0.0
@@ -112,6 +113,12 @@ class TrainConfig:
             raise ValueError("--resume needs --model_dir (where the checkpoints are)")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer={self.optimizer!r}: must be one of {OPTIMIZERS}")
+        if self.optimizer == "lamb":
+            import keras
+
+            if not hasattr(keras.optimizers, "Lamb"):
+                raise ValueError("--optimizer=lamb: Keras' Lamb comes with Keras 3; the legacy "
+                                 f"stack (Keras {keras.__version__}) has none")
         check_number("--learning_rate", self.learning_rate, lo=0.0, lo_open=True)
         check_number("--warmup_epochs", self.warmup_epochs, lo=0.0)
         check_number("--warmup_start_learning_rate", self.warmup_start_learning_rate, lo=0.0)
@@ -135,6 +142,7 @@ class TrainConfig:
                      integer=True)
         check_number("--gradient_predivide_factor", self.gradient_predivide_factor, lo=0.0,
                      lo_open=True)
+        check_number("--noise_scale_every", self.noise_scale_every, lo=0, integer=True)
         if self.preset:
             preset(self.preset)  # raises naming --preset if unknown
         if self.model_dir is not None and os.path.exists(self.model_dir) \

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lars_tf import TrainConfig
+from lars_tf import TrainConfig, build
 from lars_tf.testing import BIN, job_env, launcher, run_job
 
 SHORT = ["--model=small_cnn", "--global_batch_size=4096", "--epochs=2", "--learning_rate=3.0",
@@ -206,3 +206,42 @@ def test_the_last_epoch_of_a_run_is_always_evaluated(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["epochs_done"] == 1
     assert summary["final_test_accuracy"] == summary["history"][0]["test_accuracy"] > 0.5
+
+
+def test_lamb_trains_and_is_refused_on_keras_2(tmp_path):
+    """--optimizer=lamb (Keras 3's LAMB) trains the MLP for an epoch in one process; on
+    Keras 2, which has no LAMB, it is refused naming the flag."""
+    from lars_tf import keras_compat
+
+    proc = _cli("--model=mlp", "--epochs=1", "--warmup_epochs=0.5", "--global_batch_size=512",
+                "--optimizer=lamb", "--learning_rate=0.01", f"--model_dir={tmp_path}",
+                "--noprogress_bar")
+    if not keras_compat.KERAS3:
+        assert proc.returncode != 0 and "--optimizer=lamb" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_test_accuracy"] > 0.75, summary["final_test_accuracy"]
+
+
+@pytest.mark.parametrize("optimizer, name", [("nesterov", "NesterovSGD"), ("lamb", "lamb")])
+def test_the_baseline_optimizers_are_what_the_flag_says(optimizer, name):
+    """nesterov: LARS' weight decay and exclusions, Nesterov momentum, no trust ratio;
+    lamb: Keras 3's LAMB with decoupled weight decay on the same variables as LARS'."""
+    import keras
+
+    from lars_tf import keras_compat
+
+    if optimizer == "lamb" and not keras_compat.KERAS3:
+        pytest.skip("Keras 2 has no LAMB")
+    built = build.build_local_optimizer(TrainConfig(optimizer=optimizer, weight_decay=1e-4),
+                                        steps_per_epoch=10)
+    assert built.name == name
+    dense = keras.layers.Dense(2)
+    dense.build((None, 3))
+    if optimizer == "nesterov":
+        assert built.nesterov and not built.uses_layer_adaptation(dense.kernel)
+        assert built.uses_weight_decay(dense.kernel) and not built.uses_weight_decay(dense.bias)
+    else:
+        assert built.weight_decay == 1e-4
+        assert built._use_weight_decay(dense.kernel) and not built._use_weight_decay(dense.bias)
