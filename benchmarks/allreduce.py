@@ -7,14 +7,14 @@ Each setting is one 2-rank job started with launch/horovodrun_gpu.sh (so the pre
 flags are the launchers' own): the default preset (single_node), and fusion threshold 0
 (off), 64 MB and 128 MB at cycle times of 1 and 5 ms, under Gloo and MPI. In every job the
 ranks all-reduce the gradients of variables with ResNet-50 v1.5's 161 trainable shapes
-(25.6M floats), the gradient being a fixed random tensor per variable, the way the stack's
-distributed optimizer does (Keras 3: ``lars_tf.DistributedOptimizer``'s per-gradient
-all-reduce; Keras 2: ``hvd.DistributedGradientTape``, Horovod's own), and time
+(25.6M floats), the gradient being a fixed random tensor per variable, and time
 (``benchmarks/allreduce_worker.py``, shared with ``cluster_allreduce`` across hosts):
 
 - the step without Horovod (the gradient computation alone, subtracted below);
-- the step with the all-reduce, uncompressed (fp32) and with ``hvd.Compression.fp16``,
-  in alternating blocks;
+- the step with the all-reduce through ``lars_tf.DistributedOptimizer`` (one all-reduce op
+  per gradient), uncompressed (fp32) and with fp16 compression, and the step with
+  Horovod's own ``hvd.DistributedGradientTape`` (fp32), the baseline, side by side in
+  alternating blocks of the same job;
 - a local memory copy of the same bytes, on both ranks at once (numpy ``copyto``), whose
   bandwidth bounds what a ring all-reduce on one machine can do: each rank moves
   2 (p - 1) / p of the gradient bytes, so ``bound = 2 (p - 1) / p * bytes / bandwidth``.
@@ -22,7 +22,7 @@ all-reduce; Keras 2: ``hvd.DistributedGradientTape``, Horovod's own), and time
 The jobs take turns over --rounds rounds; each figure is the median over rounds of the
 per-job median step. Writes benchmarks/results/allreduce.{json,png} and its RESULTS.md
 section; --baseline names the raw JSON of an earlier run (by default the Keras 2 stack's,
-results/allreduce_keras2.json) whose figures each row is compared with.
+results/allreduce_keras2.json) whose figures each row is also compared with.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def main(argv):
                 results[f"{c}|{label}"].append(res)
                 print(f"[allreduce] round {r + 1} {c:4s} {label:32s} fp32 "
                       f"{1e3 * (res['fp32'] - res['local']):7.1f} ms  fp16 "
-                      f"{1e3 * (res['fp16'] - res['local']):7.1f} ms", flush=True)
+                      f"{1e3 * (res['fp16'] - res['local']):7.1f} ms  Horovod's tape "
+                      f"{1e3 * (res['horovod_fp32'] - res['local']):7.1f} ms", flush=True)
         tmp.unlink()
         from lars_tf import keras_compat
 
@@ -99,9 +100,12 @@ def main(argv):
 
 
 def _path(raw: dict) -> str:
-    """What all-reduced in a run (runs before the Keras 3 stack say nothing: Keras 2)."""
-    return ("`lars_tf.DistributedOptimizer` (Keras 3)" if raw.get("keras3")
-            else "`hvd.DistributedGradientTape` (Keras 2)")
+    """What all-reduced in a run (runs before the Keras 3 stack say nothing: Keras 2; runs
+    that timed Horovod's tape beside it used lars_tf.DistributedOptimizer on both)."""
+    stack = "Keras 3" if raw.get("keras3") else "Keras 2"
+    timed_both = "horovod_fp32" in next(iter(raw["results"].values()))[0]
+    return (f"`lars_tf.DistributedOptimizer` ({stack})" if raw.get("keras3") or timed_both
+            else f"`hvd.DistributedGradientTape` ({stack})")
 
 
 def report(raw: dict, out: Path, baseline: dict | None = None) -> None:
@@ -121,11 +125,14 @@ def report(raw: dict, out: Path, baseline: dict | None = None) -> None:
                                 for r in rs)
     bound = 2 * (size - 1) / size * n_bytes / copy_bw
     off = allreduce_sec("gloo|fusion off (0), cycle 1 ms", "fp32")
+    side = "horovod_fp32" in first  # Horovod's tape timed in the same jobs
     table = ["| controller | setting | all-reduce fp32 (ms/step) | vs fusion off | fraction "
              "of copy bound | fp16 compression (ms/step) | fp16 vs fp32 | peak RSS/rank "
-             "(MB) |" + (" baseline fp32 (ms/step) | baseline / this |" if baseline else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|---|" if baseline else "")]
-    ratios = []
+             "(MB) |" + (" Horovod's tape fp32 (ms/step) | Horovod's / ours |" if side else "")
+             + (" baseline fp32 (ms/step) | baseline / this |" if baseline else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if side else "")
+             + ("---|---|" if baseline else "")]
+    ratios, side_ratios = [], []
     rows = []
     for key in results:
         controller, label = key.split("|")
@@ -135,11 +142,17 @@ def report(raw: dict, out: Path, baseline: dict | None = None) -> None:
         rows.append((controller, label, fp32, fp16))
         row = (f"| {controller} | {label} | {1e3 * fp32:.1f} | {off_c / fp32:.2f}x | "
                f"{bound / fp32:.0%} | {1e3 * fp16:.1f} | {fp32 / fp16:.2f}x | {peak:.0f} |")
+        if side:
+            theirs = allreduce_sec(key, "horovod_fp32")
+            side_ratios.append(theirs / fp32)
+            row += f" {1e3 * theirs:.1f} | {theirs / fp32:.2f}x |"
         if baseline and key in baseline["results"]:
             then = statistics.median(r["fp32"] - r["local"] for r in baseline["results"][key])
             ratios.append(then / fp32)
             row += f" {1e3 * then:.1f} | {then / fp32:.2f}x |"
         table.append(row)
+    round_spread = {key: max(r["fp32"] - r["local"] for r in rs)
+                    - min(r["fp32"] - r["local"] for r in rs) for key, rs in results.items()}
     default = allreduce_sec("gloo|default preset (single_node)", "fp32")
     default_mpi = allreduce_sec("mpi|default preset (single_node)", "fp32")
     off_mpi = allreduce_sec("mpi|fusion off (0), cycle 1 ms", "fp32")
@@ -168,6 +181,14 @@ def report(raw: dict, out: Path, baseline: dict | None = None) -> None:
         f"The default preset is {off / default:.2f}x faster than fusion off under Gloo "
         f"({off_mpi / default_mpi:.2f}x under MPI) and reaches {bound / default:.0%} of the "
         f"memory-copy bound (Gloo; {bound / default_mpi:.0%} under MPI)."
+        + (f" Against Horovod's own `DistributedGradientTape` in the same jobs, ours is "
+           f"{statistics.median(side_ratios):.2f}x as fast (median of Horovod's / ours over "
+           f"the rows; {min(side_ratios):.2f}x to {max(side_ratios):.2f}x)."
+           if side_ratios else "")
+        + (f" A row's rounds differ by up to {1e3 * max(round_spread.values()):.1f} ms "
+           f"(fp32 all-reduce, max - min over rounds; median over the rows "
+           f"{1e3 * statistics.median(round_spread.values()):.1f} ms): a difference "
+           "smaller than a row's spread is a tie." if raw["rounds"] > 1 else "")
         + (f" Against the baseline, the rows' all-reduce is {statistics.median(ratios):.2f}x "
            f"as fast (median of baseline / this over the rows; {min(ratios):.2f}x to "
            f"{max(ratios):.2f}x)." if ratios else "") + "\n\n"

@@ -4,12 +4,13 @@ process of a job that all-reduces the gradients of real models' variable shapes 
     python -m benchmarks.allreduce_worker --out FILE [--models resnet50,alexnet_bn] [--mpi4py]
 
 Under Horovod (the default): per model, the step without Horovod (the gradient computation
-alone), the step with the all-reduce uncompressed (fp32) and with fp16 compression, in
-alternating blocks, through the stack's own path (Keras 3: ``lars_tf.DistributedOptimizer``'s
-per-gradient all-reduces; Keras 2: ``hvd.DistributedGradientTape``), and a local memory copy of
-the same bytes on every rank at once. With ``--mpi4py`` (started by ``mpirun``, no Horovod):
-mpi4py's ``Allreduce`` of one float32 buffer of each model's gradient bytes, the raw-MPI
-baseline. Rank 0 writes ``{model: figures}`` (median seconds) to --out.
+alone), the step with the all-reduce through ``lars_tf.DistributedOptimizer``'s per-gradient
+all-reduces uncompressed (``fp32``) and with fp16 compression (``fp16``), the same through
+Horovod's own ``hvd.DistributedGradientTape`` (``horovod_fp32``, the baseline), in
+alternating blocks, and a local memory copy of the same bytes on every rank at once. With
+``--mpi4py`` (started by ``mpirun``, no Horovod): mpi4py's ``Allreduce`` of one float32 buffer
+of each model's gradient bytes, the raw-MPI baseline. Rank 0 writes ``{model: figures}``
+(median seconds) to --out.
 """
 
 from __future__ import annotations
@@ -72,36 +73,32 @@ def _time_horovod(hvd, shapes: list[tuple]) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from lars_tf import keras_compat
-
     rng = np.random.default_rng(hvd.rank())
     variables = [tf.Variable(tf.zeros(s)) for s in shapes]
     grads = [tf.constant(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
     n_floats = sum(int(np.prod(s)) for s in shapes)
 
-    if keras_compat.KERAS3:
-        import keras
+    import lars_tf
 
-        import lars_tf
+    allreducers = {c: lars_tf.DistributedOptimizer(tf.keras.optimizers.SGD(0.0), compression=c)
+                   for c in ("none", "fp16")}
 
-        allreducers = {c: lars_tf.DistributedOptimizer(keras.optimizers.SGD(0.0), compression=c)
-                       for c in ("none", "fp16")}
-
-    def make_step(compression):
+    def make_step(compression, horovod_tape=False):
         @tf.function
         def step():
             with tf.GradientTape() as tape:
                 loss = tf.add_n([tf.reduce_sum(v * g) for v, g in zip(variables, grads)])
-            if compression is not None and not keras_compat.KERAS3:
+            if horovod_tape:
                 tape = hvd.DistributedGradientTape(
                     tape, compression=getattr(hvd.Compression, compression))
             out = tape.gradient(loss, variables)
-            if compression is not None and keras_compat.KERAS3:
+            if compression is not None and not horovod_tape:
                 out = allreducers[compression].allreduce(out)
             return out
         return step
 
-    steps = {"local": make_step(None), "fp32": make_step("none"), "fp16": make_step("fp16")}
+    steps = {"local": make_step(None), "fp32": make_step("none"), "fp16": make_step("fp16"),
+             "horovod_fp32": make_step("none", horovod_tape=True)}
 
     def timed(fn):
         for _ in range(FLAGS.warmup):
