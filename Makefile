@@ -19,7 +19,7 @@ TRAIN_FLAGS ?= --model=small_cnn --dataset=fashion_mnist --global_batch_size=409
 	--epochs=30 --optimizer=lars --learning_rate=3.0 --warmup_epochs=3 \
 	--weight_decay=5e-4 --model_dir=runs/fashion_mnist_lars_4k
 
-.PHONY: setup train test test-fast test-legacy test-gpu-build lint bench clean
+.PHONY: setup train test test-fast test-legacy test-gpu-build study-quick lint bench clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -35,8 +35,10 @@ test-fast: setup
 	python -m pytest tests -m "not multiprocess"
 
 # What CI runs on the legacy stack (LARS_TF_STACK=keras2 make test-legacy): LARS against
-# NumPy, the composition and equivalence jobs, 2-rank trainer runs, and exact resume.
+# NumPy, lars_tf.DistributedOptimizer (its refusals, plain compile/fit on 2 ranks), the
+# composition and equivalence jobs, 2-rank trainer runs, and exact resume.
 LEGACY_TESTS := tests/test_lars.py tests/test_schedules.py tests/test_composition.py \
+	tests/test_distributed_optimizer.py tests/test_keras_api.py \
 	tests/test_distributed_training.py \
 	tests/test_trainer.py::test_resume_equals_an_uninterrupted_run
 test-legacy: setup
@@ -68,7 +70,14 @@ bench: setup
 		python -m benchmarks.mwms_peer; \
 	else echo "benchmarks.cluster_allreduce, mwms_peer skipped: tools/cluster.sh needs root"; fi
 	python -m benchmarks.scaling
-	python -m benchmarks.large_batch
+	python -m benchmarks.noise_scale
+	python -m benchmarks.critical_batch
+
+# The critical-batch study's pipeline on a few minutes' worth of trials (CI runs it; the
+# study itself, hours long, is part of make bench).
+study-quick: setup
+	python -m pip install -q -c $(CONSTRAINTS) matplotlib
+	python -m benchmarks.critical_batch --quick
 
 lint: setup
 	ruff check lars_tf models benchmarks tests
