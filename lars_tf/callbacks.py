@@ -432,6 +432,22 @@ class LogEpoch(tf.keras.callbacks.Callback):
             f"  B_simple {row['noise_scale']:.0f}" if "noise_scale" in row else "")
 
 
+class LogFirstUpdate(tf.keras.callbacks.Callback):
+    """One log line when the first update of this process's run (or of an elastic job
+    since its last reset) is done: the time a start, restart or reset cost is the time to
+    this line (add it on rank 0 only; ``done`` is shared by the calls of one run)."""
+
+    def __init__(self, done: list):
+        super().__init__()
+        self.done = done
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.done:
+            self.done.append(True)
+            logging.info("first update done (update %d of the run)",
+                         int(self.model.optimizer.iterations.numpy()))
+
+
 class SaveCheckpoints(tf.keras.callbacks.Callback):
     """Rank 0: an atomic checkpoint every N epochs and at the last epoch of this run."""
 

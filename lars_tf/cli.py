@@ -104,6 +104,14 @@ flags.DEFINE_integer("noise_scale_every", _D.noise_scale_every,
                      "every N-th update, from each backward pass's local gradient and the "
                      "all-reduced one, and log it per epoch (0: off). Needs 2+ ranks or "
                      "--backward_passes_per_step > 1.")
+flags.DEFINE_boolean("elastic", _D.elastic,
+                     "Elastic training (horovodrun --min-np/--max-np with a host discovery "
+                     "script, Gloo): ranks may leave and join; the global batch, the "
+                     "schedule and each epoch's examples stay exactly as configured "
+                     "(--dataset fashion_mnist or synthetic).")
+flags.DEFINE_integer("elastic_commit_every", _D.elastic_commit_every,
+                     "--elastic: keep a copy of the training state in memory every N "
+                     "updates (and at each epoch's end); a failure rolls back to it.")
 flags.DEFINE_float("label_smoothing", _D.label_smoothing, "Label smoothing of the loss.")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N epochs (and at the end).")
 flags.DEFINE_float("target_accuracy", _D.target_accuracy,
@@ -197,11 +205,11 @@ def run_with_exit_codes(config, fit) -> None:
 
 
 def lost_a_rank(message: str) -> bool:
-    """Whether a failed op's ``message`` says a peer rank is gone: Horovod shut down (a rank
-    exited, or its stall check gave up), or Gloo's transport to a peer broke or timed out (a
-    host that vanished: its collectives time out on the survivors before Horovod notices;
-    Gloo's errors carry the path of its ``transport`` sources)."""
-    return "Horovod has been shut down" in message or "gloo/transport/" in message
+    """Whether a failed op's ``message`` says a peer rank is gone
+    (``lars_tf.distributed.peer_lost``)."""
+    from lars_tf.distributed import peer_lost
+
+    return peer_lost(message)
 
 
 def _report_lost_rank(config) -> None:

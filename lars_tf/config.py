@@ -62,6 +62,8 @@ class TrainConfig:
     sparse_as_dense: bool = False
     max_skipped_updates: int = 100
     noise_scale_every: int = 0
+    elastic: bool = False
+    elastic_commit_every: int = 10
     label_smoothing: float = 0.0
     eval_every: int = 1
     target_accuracy: float = 0.0
@@ -143,6 +145,21 @@ class TrainConfig:
         check_number("--gradient_predivide_factor", self.gradient_predivide_factor, lo=0.0,
                      lo_open=True)
         check_number("--noise_scale_every", self.noise_scale_every, lo=0, integer=True)
+        check_number("--elastic_commit_every", self.elastic_commit_every, lo=1, integer=True)
+        if self.elastic:
+            from lars_tf.data import ELASTIC_DATASETS
+
+            if self.dataset not in ELASTIC_DATASETS:
+                raise ValueError(f"--elastic: --dataset={self.dataset} cannot yet be re-cut "
+                                 "over a new number of ranks mid-epoch; --elastic takes "
+                                 f"{ELASTIC_DATASETS}")
+            for flag, ok in (("backward_passes_per_step", self.backward_passes_per_step == 1),
+                             ("noise_scale_every", self.noise_scale_every == 0)):
+                if not ok:
+                    raise ValueError(
+                        f"--elastic with --{flag}={getattr(self, flag)}: an elastic job "
+                        "gives ranks unequal batches (the global batch stays whole), which "
+                        f"--{flag} does not take yet")
         if self.preset:
             preset(self.preset)  # raises naming --preset if unknown
         if self.model_dir is not None and os.path.exists(self.model_dir) \
@@ -153,8 +170,13 @@ class TrainConfig:
         """``data_dir``, else ``$LARS_TF_DATA_DIR``, else the Debian package's folder."""
         return self.data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_FASHION_MNIST_DIR
 
-    def per_rank_batch_size(self, world_size: int) -> int:
-        """Examples in one backward pass on one rank; raises if the split is not even."""
+    def per_rank_batch_size(self, world_size: int, rank: int = 0) -> int:
+        """Examples in one backward pass on one rank; raises if the split is not even
+        (``--elastic``: rank ``rank``'s slice, which may be one more than another's)."""
+        if self.elastic:
+            from lars_tf.data.elastic import rank_slice
+
+            return rank_slice(self.global_batch_size, rank, world_size)[1]
         parts = world_size * self.backward_passes_per_step
         if self.global_batch_size % parts:
             raise ValueError(
@@ -180,8 +202,35 @@ def check_model_dir(config: TrainConfig) -> None:
         raise ValueError(f"--model_dir={config.model_dir!r} cannot be written ({probe} is not "
                          "a writable directory)")
     ckpts = os.path.join(path, "checkpoints")
+    if config.elastic and joins_elastic_job(path):
+        return  # a rank that joins the running job whose checkpoints these are
     if not config.resume and os.path.isdir(ckpts) and any(
             name.startswith("epoch-") for name in os.listdir(ckpts)):
         raise ValueError(
             f"--model_dir={config.model_dir!r} already holds checkpoints: pass --resume to "
             "continue that run, or choose another --model_dir (nothing was overwritten)")
+
+
+ELASTIC_JOB_FILE = "elastic_job.json"
+
+
+def elastic_job_id() -> str:
+    """What tells one elastic job from another: the address of its driver's rendezvous,
+    which horovodrun gives every worker it starts ('' outside an elastic job)."""
+    addr = os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR", "")
+    port = os.environ.get("HOROVOD_GLOO_RENDEZVOUS_PORT", "")
+    return f"{addr}:{port}" if addr and port and os.environ.get("HOROVOD_ELASTIC") == "1" \
+        else ""
+
+
+def joins_elastic_job(model_dir: str) -> bool:
+    """Whether this process is a rank that an elastic job started after its start (a host
+    that joined): ``model_dir`` names this job as the one writing it."""
+    import json
+
+    job = elastic_job_id()
+    try:
+        with open(os.path.join(model_dir, ELASTIC_JOB_FILE)) as f:
+            return bool(job) and json.load(f).get("job") == job
+    except (OSError, ValueError):
+        return False

@@ -93,6 +93,17 @@ def init(intra_op_threads: int | None = None, inter_op_threads: int | None = Non
     return world
 
 
+def reinit() -> World:
+    """Horovod restarted in this process with the ranks that are now in the job (an elastic
+    job's reset: ``lars_tf.elastic``): this rank's new place. TensorFlow's thread pools
+    and the device stay as ``init`` set them."""
+    global _WORLD
+    hvd_tf.shutdown()
+    hvd_tf.init()
+    _WORLD = World(hvd_tf.rank(), hvd_tf.size(), hvd_tf.local_rank(), hvd_tf.local_size())
+    return _WORLD
+
+
 def wrap_optimizer(
     optimizer: tf.keras.optimizers.Optimizer,
     *,
@@ -231,6 +242,14 @@ def allreduce_gradient(tensor: tf.Tensor, prescale_factor: float = 1.0,
 def allreduce_sparse(grad: tf.IndexedSlices, average: bool = True) -> tf.IndexedSlices:
     """Every rank's sparse gradient rows, gathered (divided by the ranks for the mean)."""
     return hvd_tf.allreduce(grad, op=hvd_tf.Average if average else hvd_tf.Sum)
+
+
+def peer_lost(message: str) -> bool:
+    """Whether a failed op's ``message`` says a peer rank is gone: Horovod shut down (a rank
+    exited, or its stall check gave up), or Gloo's transport to a peer broke or timed out (a
+    host that vanished: its collectives time out on the survivors before Horovod notices;
+    Gloo's errors carry the path of its ``transport`` sources)."""
+    return "Horovod has been shut down" in message or "gloo/transport/" in message
 
 
 def onednn_enabled() -> bool:

@@ -201,6 +201,13 @@ class DistributedOptimizer(keras_compat.DistributedOptimizerBase):
         self.initial_scale = float(initial_scale)
         self.dynamic_growth_steps = int(dynamic_growth_steps)
         self.noise_scale_every = int(noise_scale_every)
+        # An elastic job's ranks read unequal slices of the global batch: this rank's mean
+        # gradient weighs count * ranks / global batch in the mean (lars_tf.data.elastic).
+        # Read when the training step is traced (an elastic reset traces it again).
+        self.batch_share = 1.0
+        # False: the check that every rank holds the same variables waits for the caller
+        # (an elastic rank runs no collective before it joins the others)
+        self.check_variables_when_built = True
         if self.scales_loss and hasattr(optimizer, "loss_scale_factor"):
             optimizer.loss_scale_factor = None  # Keras 3: scaled once, here
 
@@ -228,14 +235,21 @@ class DistributedOptimizer(keras_compat.DistributedOptimizerBase):
         size = distributed.size()
         f = self.gradient_predivide_factor
         prescale, postscale = 1.0 / f, (f / size if self.average else f)
+        # Horovod wants the same scale factors on every rank: an unequal share is a multiply
+        share = self.batch_share
         out = []
         for g in grads:
             if g is None:
                 out.append(None)
             elif isinstance(g, tf.IndexedSlices):  # all-gathered: exact, nothing summed
+                if share != 1.0:
+                    g = tf.IndexedSlices(g.values * tf.cast(share, g.values.dtype),
+                                         g.indices, g.dense_shape)
                 out.append(distributed.allreduce_sparse(g, average=self.average))
             else:
                 g = tf.convert_to_tensor(g)
+                if share != 1.0:
+                    g = g * tf.cast(share, g.dtype)
                 wire = _WIRE_DTYPES[self.compression].get(g.dtype, g.dtype)
                 reduced = distributed.allreduce_gradient(
                     tf.cast(g, wire), prescale_factor=prescale, postscale_factor=postscale)
@@ -246,8 +260,9 @@ class DistributedOptimizer(keras_compat.DistributedOptimizerBase):
     def _build_state(self, var_list: list) -> None:
         """This optimizer's own variables, once, after the wrapped optimizer's: the
         accumulators (``k > 1``) and the loss scale with its good-update counter."""
-        with tf.init_scope():  # eager even when the first apply is being traced
-            self._check_same_variables_on_every_rank(var_list)
+        if self.check_variables_when_built:
+            with tf.init_scope():  # eager even when the first apply is being traced
+                self.check_same_variables_on_every_rank(var_list)
         if self.backward_passes_per_step > 1:
             self._accumulators = [self._new_slot(v, "accumulated_gradient") for v in var_list]
         if self.scales_loss:
@@ -274,7 +289,7 @@ class DistributedOptimizer(keras_compat.DistributedOptimizerBase):
             self.noise_trace_sum = self._new_scalar("noise_trace_sum", "float64", 0.0)
             self.noise_count = self._new_scalar("noise_count", "int64", 0)
 
-    def _check_same_variables_on_every_rank(self, var_list) -> None:
+    def check_same_variables_on_every_rank(self, var_list) -> None:
         """Gradients are all-reduced by position: every rank must hold the same variables
         (path, shape, dtype) in the same order, or equal-shaped gradients of different
         variables would be summed, or the all-reduce would hang. Checked once, when the

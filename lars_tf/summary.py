@@ -119,6 +119,7 @@ class ChiefOutputs(RunOutputs):
     def __init__(self, config):
         self.config = config
         self.progress_bar = bool(config.progress_bar)
+        self._first_update: list = []  # LogFirstUpdate's, once per ChiefOutputs
 
     def started(self, trainer, datasets, start_epoch, end_epoch):
         config, world = self.config, trainer.world
@@ -136,7 +137,7 @@ class ChiefOutputs(RunOutputs):
 
     def callbacks(self, trainer, optimizer, tta, t_begin, end_epoch):
         config = self.config
-        out = [cb.LogEpoch(trainer.history)]
+        out = [cb.LogEpoch(trainer.history), cb.LogFirstUpdate(self._first_update)]
         if config.model_dir:
             if config.checkpoint_every:
                 out.append(cb.SaveCheckpoints(config, trainer.model, optimizer,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import tensorflow as tf
@@ -12,7 +13,7 @@ from lars_tf import callbacks as cb
 from lars_tf import data as data_lib
 from lars_tf import precision as precision_lib
 from lars_tf import summary as summary_lib
-from lars_tf.config import TrainConfig
+from lars_tf.config import ELASTIC_JOB_FILE, TrainConfig, elastic_job_id
 
 
 class Trainer:
@@ -59,28 +60,19 @@ class Trainer:
     def fit(self, train: tf.data.Dataset | data_lib.Datasets | None = None,
             eval: tf.data.Dataset | None = None, steps_per_epoch: int | None = None,
             callbacks: list[tf.keras.callbacks.Callback] | None = None) -> dict:
+        if self.config.elastic:
+            if train is not None:
+                raise ValueError("--elastic: the trainer builds the data itself (its epochs "
+                                 "are re-cut when ranks come and go); call fit() without "
+                                 "datasets")
+            return self._fit_elastic(callbacks)
         config, world, outputs = self.config, self.world, self.outputs
         t_start = time.time()
         resume = self._find_checkpoint()
         start_epoch = resume[0] if resume else 0
         datasets = self._datasets(train, eval, steps_per_epoch, start_epoch)
-        if self.model is None:
-            self.model = build.build_model(config, datasets.input_shape, datasets.num_classes)
+        fitted, optimizer = self._compile(datasets)
         model = self.model
-        num_classes = build.num_classes(model, datasets.input_shape)
-        optimizer = build.build_optimizer(config, datasets.steps_per_epoch)
-        # uint8 pixels (--normalize_on_device): fit and evaluate the model behind its
-        # normalisation layer; checkpoints and broadcasts stay those of the model itself
-        fitted = (build.with_pixel_normalization(model, datasets.input_shape)
-                  if datasets.uint8_pixels else model)
-        fitted.compile(
-            optimizer=optimizer,
-            **keras_compat.compile_options(),
-            loss=build.build_loss(num_classes, config.label_smoothing),
-            metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-                     build.top_k_accuracy(5, name="top5")],
-        )
-        optimizer.build(model.trainable_variables)
         meta = {}
         if resume and world.is_chief:
             meta = checkpoint.restore(resume[1], model, optimizer)
@@ -101,30 +93,10 @@ class Trainer:
         elapsed_before = float(meta.get("elapsed_sec", 0.0))
         tta = cb.TimeToAccuracy(config.target_accuracy, t_start - elapsed_before,
                                 meta.get("time_to_accuracy"))
-        fp16 = config.precision == "mixed_float16"
         k = config.backward_passes_per_step
-        callbacks = [
-            cb.ReseedLayers(model, data_lib.rank_seed(config.seed, world.rank)),
-            *([cb.StopOnNonFinite(world.rank, datasets.steps_per_epoch)] if not fp16 else []),
-            *([cb.StopOnStuckLossScale(config.max_skipped_updates, k, datasets.steps_per_epoch)]
-              if fp16 and config.max_skipped_updates else []),
-            *([cb.CheckReplicas(config.check_replicas_every, optimizer)]
-              if config.check_replicas_every else []),
-            *([cb.Watchdog(config.watchdog_sec, world.rank)] if config.watchdog_sec else []),
-            cb.AverageMetrics(),
-            cb.EpochTimer(config.global_batch_size * datasets.steps_per_epoch // k),
-            cb.AverageBatchNormStatistics(),
-            cb.ExactEval(datasets.eval, config.eval_every, end_epoch, num_classes),
-            cb.SkippedRecords(datasets.skipped),
-            tta,
-            cb.LearningRateLogger(optimizer),
-            *([cb.GradientNoiseScale(optimizer, config.per_rank_batch_size(world.size))]
-              if config.noise_scale_every else []),
-            cb.EpochLog(self.history),
-            *(callbacks or []),
-            # last: a checkpoint holds what the user's callbacks did at the epoch's end
-            *outputs.callbacks(self, optimizer, tta, t_start - elapsed_before, end_epoch),
-        ]
+        callbacks = self._callbacks(
+            optimizer, datasets, tta, t_start - elapsed_before, end_epoch, callbacks,
+            images_per_epoch=config.global_batch_size * datasets.steps_per_epoch // k)
         if start_epoch < end_epoch:
             fitted.fit(
                 datasets.train,
@@ -139,6 +111,138 @@ class Trainer:
                                           tta, start_epoch, end_epoch)
         outputs.finished(summary)
         return summary
+
+    def _compile(self, datasets, check_variables: bool = True):
+        """The model (built from the registry if none was given) compiled with the optimizer
+        stack, which is built. Returns what ``fit`` runs (the model, or the model behind
+        its pixel normalisation) and the optimizer."""
+        config = self.config
+        if self.model is None:
+            self.model = build.build_model(config, datasets.input_shape, datasets.num_classes)
+        model = self.model
+        num_classes = build.num_classes(model, datasets.input_shape)
+        optimizer = build.build_optimizer(config, datasets.steps_per_epoch)
+        optimizer.check_variables_when_built = check_variables
+        # uint8 pixels (--normalize_on_device): fit and evaluate the model behind its
+        # normalisation layer; checkpoints and broadcasts stay those of the model itself
+        fitted = (build.with_pixel_normalization(model, datasets.input_shape)
+                  if datasets.uint8_pixels else model)
+        fitted.compile(
+            optimizer=optimizer,
+            **keras_compat.compile_options(),
+            loss=build.build_loss(num_classes, config.label_smoothing),
+            metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                     build.top_k_accuracy(5, name="top5")],
+        )
+        optimizer.build(model.trainable_variables)
+        return fitted, optimizer
+
+    def _fit_elastic(self, user_callbacks) -> dict:
+        """``fit`` for ``--elastic`` (``lars_tf.elastic``): one Keras ``fit`` per epoch (or
+        the rest of one, after a reset), inside ``elastic.run``, with the data re-cut for
+        the ranks of the moment. Until the ranks meet in the state's sync, nothing here
+        runs a collective: a rank that joins a running job arrives there while the others
+        wait in it."""
+        from lars_tf import elastic
+        from lars_tf.data import elastic as elastic_data
+
+        config = self.config
+        t_start = time.time()
+        # every rank reads the checkpoint itself (no collective yet); rank 0's wins in sync
+        found = checkpoint.latest(config.model_dir) if config.resume and config.model_dir \
+            else None
+        start_epoch = found[0] if found else 0
+        world = self.world
+        kw = dict(threads=distributed.threads_per_rank(world.local_size),
+                  dtype=precision_lib.compute_dtype(config.precision))
+        datasets = data_lib.build_elastic(config, world.rank, world.size, start_epoch, 0, **kw)
+        fitted, optimizer = self._compile(datasets, check_variables=False)
+        model = self.model
+        meta = checkpoint.restore(found[1], model, optimizer) if found else {}
+        self.history = list(meta.get("history", []))
+        elapsed_before = float(meta.get("elapsed_sec", 0.0))
+        tta = cb.TimeToAccuracy(config.target_accuracy, t_start - elapsed_before,
+                                meta.get("time_to_accuracy"))
+        end_epoch = config.stop_after_epoch or config.epochs
+        state = elastic.TrainingState(model, optimizer, epoch=start_epoch,
+                                      history=self.history)
+        G = config.global_batch_size
+
+        def train(state):
+            world = self.world = distributed.init()  # after a reset: the ranks of now
+            self.outputs = (summary_lib.ChiefOutputs(config) if world.is_chief
+                            else summary_lib.RunOutputs())
+            if world.is_chief and config.model_dir and elastic_job_id():
+                # a rank this job starts later may find the checkpoints it writes
+                summary_lib.write_json(os.path.join(config.model_dir, ELASTIC_JOB_FILE),
+                                       {"job": elastic_job_id()})
+            optimizer.check_same_variables_on_every_rank(model.trainable_variables)
+            optimizer.batch_share = elastic_data.batch_share(G, world.rank, world.size)
+            fitted.train_function = None  # traced again: the ranks, the share
+            tf.keras.utils.set_random_seed(data_lib.rank_seed(config.seed, world.rank))
+            self.rank_settings = distributed.gather_object(distributed.rank_settings(),
+                                                           name="lars_tf.rank_settings")
+            d = datasets
+            started = False
+            while state.epoch < end_epoch:
+                d = data_lib.build_elastic(config, world.rank, world.size, state.epoch,
+                                           state.update, **kw)
+                if not started:
+                    self.outputs.started(self, d, state.epoch, end_epoch)
+                    started = True
+                steps = d.steps_per_epoch - state.update
+                callbacks = self._callbacks(
+                    optimizer, d, tta, t_start - elapsed_before, end_epoch, user_callbacks,
+                    images_per_epoch=G * steps,
+                    before_log=[elastic.CommitState(state, config.elastic_commit_every,
+                                                    config.per_rank_batch_size(
+                                                        world.size, world.rank))],
+                    last=[elastic.EndEpoch(state)])
+                fitted.fit(d.train, initial_epoch=state.epoch, epochs=state.epoch + 1,
+                           steps_per_epoch=steps, shuffle=False, callbacks=callbacks,
+                           verbose=1 if self.outputs.progress_bar else 0)
+            # inside the run: a rank lost here is recovered from too
+            summary = summary_lib.run_summary(self, d, elapsed_before + time.time() - t_start,
+                                              tta, start_epoch, end_epoch)
+            summary["elastic_resets"] = state.resets
+            return summary
+
+        summary = elastic.run(train)(state)
+        self.outputs.finished(summary)
+        return summary
+
+    def _callbacks(self, optimizer, datasets, tta, t_begin: float, end_epoch: int,
+                   user: list | None, images_per_epoch: int, before_log=(), last=()) -> list:
+        """The callbacks of a ``fit`` call, in order: the trainer's checks and figures,
+        ``before_log``, the epoch log, the user's, the rank-0 outputs, then ``last``."""
+        config, world, model = self.config, self.world, self.model
+        fp16 = config.precision == "mixed_float16"
+        k = config.backward_passes_per_step
+        return [
+            cb.ReseedLayers(model, data_lib.rank_seed(config.seed, world.rank)),
+            *([cb.StopOnNonFinite(world.rank, datasets.steps_per_epoch)] if not fp16 else []),
+            *([cb.StopOnStuckLossScale(config.max_skipped_updates, k, datasets.steps_per_epoch)]
+              if fp16 and config.max_skipped_updates else []),
+            *([cb.CheckReplicas(config.check_replicas_every, optimizer)]
+              if config.check_replicas_every else []),
+            *([cb.Watchdog(config.watchdog_sec, world.rank)] if config.watchdog_sec else []),
+            cb.AverageMetrics(),
+            cb.EpochTimer(images_per_epoch),
+            cb.AverageBatchNormStatistics(),
+            cb.ExactEval(datasets.eval, config.eval_every, end_epoch,
+                         build.num_classes(model, datasets.input_shape)),
+            cb.SkippedRecords(datasets.skipped),
+            tta,
+            cb.LearningRateLogger(optimizer),
+            *([cb.GradientNoiseScale(optimizer, config.per_rank_batch_size(world.size))]
+              if config.noise_scale_every else []),
+            *before_log,
+            cb.EpochLog(self.history),
+            *(user or []),
+            # a checkpoint holds what the user's callbacks did at the epoch's end
+            *self.outputs.callbacks(self, optimizer, tta, t_begin, end_epoch),
+            *last,
+        ]
 
     def _find_checkpoint(self) -> tuple[int, str] | None:
         config = self.config

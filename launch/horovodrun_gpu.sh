@@ -22,6 +22,19 @@ Hosts:
                              with the venv's Open MPI; else Gloo). Horovod 0.28.1 enforces
                              --stall-check-shutdown-time-seconds only under MPI.
 
+Elastic (Gloo; ranks may leave and join, the global batch and schedule stay as set):
+  --elastic                  start an elastic job (passes --elastic to lars-train)
+  --host-discovery-script S  an executable that prints the hosts available now, one
+                             "host" or "host:slots" a line (run every second by horovodrun)
+  --min-np N                 the fewest ranks the job goes on with (default: -np)
+  --max-np N                 the most ranks it grows to (default: no limit)
+  --elastic-timeout S        how long a reset waits for --min-np ranks (default: 600)
+  --blacklist-cooldown-range "MIN MAX"
+                             a failed host may come back after MIN..MAX seconds, doubling
+                             with each failure (default: a failed host never comes back)
+The ssh sessions to the hosts must end when a host vanishes (ServerAliveInterval in the ssh
+config): horovodrun counts a rank lost when its session ends.
+
 $TUNING_HELP
 
 A job on several hosts that fails is followed by an ssh check (5 s) that names the hosts
@@ -43,7 +56,14 @@ LAUNCHER_OPTIONS=(
     "--network-interface NIC value"
     "--mpi CONTROLLER =--mpi"
     "--gloo CONTROLLER =--gloo"
+    "--elastic ELASTIC =1"
+    "--host-discovery-script DISCOVERY value"
+    "--min-np MIN_NP uint"
+    "--max-np MAX_NP uint"
+    "--elastic-timeout ELASTIC_TIMEOUT uint"
+    "--blacklist-cooldown-range COOLDOWN value"
 )
+ELASTIC=0 DISCOVERY="" MIN_NP="" MAX_NP="" ELASTIC_TIMEOUT="" COOLDOWN=""
 parse_args "$@"
 apply_settings
 
@@ -55,10 +75,38 @@ if [[ -z "$GPUS_PER_HOST" ]]; then
     fi
 fi
 [[ "$GPUS_PER_HOST" -ge 1 ]] || die "--gpus-per-host=$GPUS_PER_HOST: must be >= 1"
-HOSTS="$(read_hosts "$HOST_ARGS" "$HOSTFILE")"
-HOSTS="$(fill_slots "$HOSTS" "$GPUS_PER_HOST")"
-NP="${NP:-$(total_slots "$HOSTS")}"
-check_np "$NP" "$HOSTS"
+if [[ "$ELASTIC" == 1 ]]; then
+    [[ -n "$DISCOVERY" ]] || die "--elastic needs --host-discovery-script (the hosts of now)"
+    [[ -z "$HOST_ARGS" && -z "$HOSTFILE" ]] \
+        || die "--elastic: the hosts come from --host-discovery-script, not -H/--hostfile"
+    [[ -f "$DISCOVERY" && -x "$DISCOVERY" ]] \
+        || die "--host-discovery-script=$DISCOVERY: not an executable file"
+    [[ "$CONTROLLER" != --mpi ]] || die "--elastic runs under Gloo (horovodrun has no elastic MPI)"
+    CONTROLLER=--gloo
+    [[ -n "$NP" || -n "$MIN_NP" ]] || die "--elastic needs -np or --min-np"
+    NP="${NP:-$MIN_NP}" MIN_NP="${MIN_NP:-$NP}"
+    (( 10#$MIN_NP >= 1 && 10#$MIN_NP <= 10#$NP )) \
+        || die "--min-np=$MIN_NP: must be 1..-np ($NP)"
+    [[ -z "$MAX_NP" ]] || (( 10#$MAX_NP >= 10#$NP )) \
+        || die "--max-np=$MAX_NP: must be at least -np ($NP)"
+    if [[ -n "$COOLDOWN" ]]; then
+        [[ "$COOLDOWN" =~ ^[0-9]+\ [0-9]+$ ]] && read -r lo hi <<< "$COOLDOWN" \
+            && (( 10#$lo >= 1 && 10#$lo <= 10#$hi && 10#$hi <= 3600 )) \
+            || die "--blacklist-cooldown-range='$COOLDOWN': must be \"MIN MAX\" seconds, 1 <= MIN <= MAX <= 3600"
+    fi
+    is_lars_train && PROGRAM+=(--elastic)
+else
+    declare -A ELASTIC_FLAG=([DISCOVERY]=--host-discovery-script [MIN_NP]=--min-np
+                             [MAX_NP]=--max-np [ELASTIC_TIMEOUT]=--elastic-timeout
+                             [COOLDOWN]=--blacklist-cooldown-range)
+    for v in "${!ELASTIC_FLAG[@]}"; do
+        [[ -z "${!v}" ]] || die "${ELASTIC_FLAG[$v]} needs --elastic"
+    done
+    HOSTS="$(read_hosts "$HOST_ARGS" "$HOSTFILE")"
+    HOSTS="$(fill_slots "$HOSTS" "$GPUS_PER_HOST")"
+    NP="${NP:-$(total_slots "$HOSTS")}"
+    check_np "$NP" "$HOSTS"
+fi
 
 if [[ -n "$NIC" ]]; then
     setvar NCCL_SOCKET_IFNAME "$NIC"
@@ -71,10 +119,19 @@ if [[ "$CONTROLLER" == --gloo && "${HOROVOD_STALL_SHUTDOWN_TIME_SECONDS:-0}" != 
     echo "$(basename "$0"): note: under Gloo, Horovod 0.28.1 reports no stalled rank and does" \
          "not shut a stalled job down (HOROVOD_STALL_SHUTDOWN_TIME_SECONDS); use --mpi for that" >&2
 fi
-CMD=(horovodrun "$CONTROLLER" -np "$NP" -H "$HOSTS")
+if [[ "$ELASTIC" == 1 ]]; then
+    CMD=(horovodrun --gloo -np "$NP" --min-np "$MIN_NP" --slots-per-host "$GPUS_PER_HOST"
+         --host-discovery-script "$(cd "$(dirname -- "$DISCOVERY")" && pwd)/$(basename -- "$DISCOVERY")")
+    [[ -n "$MAX_NP" ]] && CMD+=(--max-np "$MAX_NP")
+    [[ -n "$ELASTIC_TIMEOUT" ]] && CMD+=(--elastic-timeout "$ELASTIC_TIMEOUT")
+    [[ -n "$COOLDOWN" ]] && CMD+=(--blacklist-cooldown-range $COOLDOWN)  # two words
+    REMOTE_HOSTS=""  # hosts come and go: the job itself says which it lost
+else
+    CMD=(horovodrun "$CONTROLLER" -np "$NP" -H "$HOSTS")
+    # horovodrun 0.28.1 passes Open MPI <= 4's single-dash "-bind-to none -map-by slot",
+    # which Open MPI 5's mpirun rejects; give the binding in a form both accept.
+    [[ "$CONTROLLER" == --mpi ]] && CMD+=(--binding-args "--bind-to none")
+    REMOTE_HOSTS="$(remote_hosts "$HOSTS")"
+fi
 [[ -n "$NIC" ]] && CMD+=(--network-interface "$NIC")
-# horovodrun 0.28.1 passes Open MPI <= 4's single-dash "-bind-to none -map-by slot", which
-# Open MPI 5's mpirun rejects; give the binding in a form both accept.
-[[ "$CONTROLLER" == --mpi ]] && CMD+=(--binding-args "--bind-to none")
-REMOTE_HOSTS="$(remote_hosts "$HOSTS")"
 show_and_run "${CMD[@]}" "${PROGRAM[@]}"

@@ -17,7 +17,10 @@
 # ssh: host keys and a client key are made in the cluster's folder ($LARS_TF_CLUSTER_DIR,
 # default /tmp/lars_tf_cluster); `ssh` on the PATH that `run` gives is a wrapper that uses the
 # cluster's ssh config, so horovodrun and mpirun reach the hosts by name (h1, h2, ...) and
-# nothing in ~/.ssh is read or changed. Needs root, iproute2 and Debian's openssh-server.
+# nothing in ~/.ssh is read or changed. Sessions send keepalives (every 2 s, 3 missed: gone),
+# so a session to a host that vanished ends within about 6 s, as a cluster's ssh should be
+# set up for elastic jobs (horovodrun counts a rank lost when its ssh session ends).
+# Needs root, iproute2 and Debian's openssh-server.
 # Slurm (Debian's slurm-wlm and munge): one partition "all" of every host, munged with a key
 # of the cluster's own, slurmctld on h1 and slurmd on every host, all inside the hosts (so
 # down stops them); `run` sets SLURM_CONF so that sbatch/srun/sinfo there use it.
@@ -91,6 +94,8 @@ Host *
     StrictHostKeyChecking yes
     BatchMode yes
     ConnectTimeout 5
+    ServerAliveInterval 2
+    ServerAliveCountMax 3
     LogLevel ERROR
 EOF
     printf '#!/bin/sh\nexec /usr/bin/ssh -F %s "$@"\n' "$DIR/ssh_config" > "$DIR/bin/ssh"
@@ -264,5 +269,5 @@ case ${1:-} in
     slurm) slurm ;;
     status) status ;;
     down) down ;;
-    *) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -42,21 +42,26 @@ FMNIST_DIR="/usr/share/datasets/fashion-mnist"
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
+ELASTIC_PATCHES=("$ROOT/tools/patches/horovod-0.28.1-elastic-reinit-fixed-parameters.patch"
+                 "$ROOT/tools/patches/horovod-0.28.1-elastic-notify-timeout.patch")
 case "$STACK" in
     keras3)
         CONSTRAINTS="$ROOT/constraints.txt"
         VENV="${LARS_TF_VENV:-$ROOT/.venv}"
         PYTHONS=(python3.13 python3.12 python3.11)
         # Horovod 0.28.1 includes XLA headers that TF >= 2.19's wheels no longer ship; its
-        # launcher imports TensorFlow to ask whether Gloo and MPI were built (each in
-        # tools/patches/, with why)
+        # launcher imports TensorFlow to ask whether Gloo and MPI were built; elastic jobs:
+        # a reset's second hvd.init() crashes when the fusion threshold or cycle time is set,
+        # and a lost rank 0's host stalls the driver for a minute (each in tools/patches/,
+        # with why)
         HOROVOD_PATCHES=("$ROOT/tools/patches/horovod-0.28.1-xla-ops-before-tf-2.19.patch"
-                         "$ROOT/tools/patches/horovod-0.28.1-launch-without-importing-tensorflow.patch") ;;
+                         "$ROOT/tools/patches/horovod-0.28.1-launch-without-importing-tensorflow.patch"
+                         "${ELASTIC_PATCHES[@]}") ;;
     keras2)
         CONSTRAINTS="$ROOT/constraints-keras2.txt"
         VENV="${LARS_TF_VENV:-$ROOT/.venv-keras2}"
         PYTHONS=(python3.11)
-        HOROVOD_PATCHES=() ;;
+        HOROVOD_PATCHES=("${ELASTIC_PATCHES[@]}") ;;
     *) die "LARS_TF_STACK=$STACK: must be keras3 (the default) or keras2 (the legacy stack)" ;;
 esac
 STAMP="$VENV/.lars_tf_setup"

@@ -12,12 +12,14 @@ import os
 
 import tensorflow as tf
 
-from lars_tf.data import fashion_mnist, imagenet, synthetic, tfds_source
+from lars_tf.data import elastic, fashion_mnist, imagenet, synthetic, tfds_source
 from lars_tf.data.pipeline import Datasets, compute_dtype, options, rank_seed
 
-__all__ = ["DATASETS", "Datasets", "build", "check_name", "options", "prepare", "rank_seed"]
+__all__ = ["DATASETS", "Datasets", "build", "build_elastic", "check_name", "options", "prepare",
+           "rank_seed"]
 
 DATASETS = ("fashion_mnist", "imagenet", "synthetic", "tfds:NAME")
+ELASTIC_DATASETS = ("fashion_mnist", "synthetic")  # the sources build_elastic can re-cut
 
 
 def check_name(dataset: str) -> None:
@@ -59,6 +61,29 @@ def build(config, rank: int, size: int, eval_batch_size: int = 1000,
     else:
         raise ValueError(f"--dataset={config.dataset!r}: must be one of {DATASETS}")
     opts = options(threads or len(os.sched_getaffinity(0)), config.deterministic)
+    return dataclasses.replace(
+        d, train=d.train.with_options(opts),
+        eval=d.eval.with_options(options(threads or 1, True)) if d.eval is not None else None)
+
+
+def build_elastic(config, rank: int, size: int, epoch: int, update: int,
+                  eval_batch_size: int = 1000, threads: int | None = None,
+                  dtype: tf.DType | None = None) -> Datasets:
+    """For ``--elastic``: this rank's datasets in a world of ``size``, whose training
+    batches go on from update ``update`` of epoch ``epoch`` (``lars_tf.data.elastic``: one
+    order per epoch shared by every rank, each rank reading its slice of every global
+    batch). Sources: ``ELASTIC_DATASETS``."""
+    dtype = tf.as_dtype(dtype) if dtype is not None else compute_dtype()
+    if config.dataset == "fashion_mnist":
+        d = fashion_mnist.build_elastic(config, rank, size, eval_batch_size, epoch, update)
+    elif config.dataset == "synthetic":
+        d = synthetic.build(config, size, dtype,
+                            batch=elastic.rank_slice(config.global_batch_size, rank, size)[1])
+    else:
+        raise ValueError(f"--dataset={config.dataset!r} with --elastic: the sources whose "
+                         f"epochs can be re-cut over a new number of ranks are "
+                         f"{ELASTIC_DATASETS}")
+    opts = options(threads or len(os.sched_getaffinity(0)), True)
     return dataclasses.replace(
         d, train=d.train.with_options(opts),
         eval=d.eval.with_options(options(threads or 1, True)) if d.eval is not None else None)

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from lars_tf.data import elastic
 from lars_tf.data.pipeline import Datasets, epoch_permutations, steps_per_epoch
 
 FILES = {
@@ -110,6 +111,33 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
     )
+    return _datasets(train, test_images, test_labels, rank, size, eval_batch_size, steps,
+                     len(labels))
+
+
+def build_elastic(config, rank: int, size: int, eval_batch_size: int, epoch: int,
+                  update: int) -> Datasets:
+    """For ``--elastic``: each rank's slice of every global batch of an order that every
+    rank shares (``lars_tf.data.elastic``), from update ``update`` of epoch ``epoch`` on."""
+    images, labels = load(config.resolved_data_dir(), "train")
+    test_images, test_labels = load(config.resolved_data_dir(), "test")
+    if 0 < config.train_examples < len(labels):
+        images, labels = images[:config.train_examples], labels[:config.train_examples]
+    steps = elastic.updates_per_epoch(len(labels), config.global_batch_size)
+    x, y = tf.constant(images), tf.constant(labels)
+    train = (
+        elastic.index_batches(len(labels), config.global_batch_size, config.seed, rank, size,
+                              epoch, update)
+        .map(lambda idx: (normalize(tf.gather(x, idx)), tf.gather(y, idx)),
+             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    return _datasets(train, test_images, test_labels, rank, size, eval_batch_size, steps,
+                     len(labels))
+
+
+def _datasets(train, test_images, test_labels, rank, size, eval_batch_size, steps,
+              train_examples) -> Datasets:
     eval_x, eval_y = test_images[rank::size], test_labels[rank::size]
     evaluation = (
         tf.data.Dataset.from_tensor_slices((eval_x, eval_y))
@@ -121,7 +149,7 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
         train=train,
         eval=evaluation,
         steps_per_epoch=steps,
-        train_examples=len(labels),
+        train_examples=train_examples,
         eval_examples=len(eval_y),
         input_shape=IMAGE_SHAPE,
         num_classes=NUM_CLASSES,

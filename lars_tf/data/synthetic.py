@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from lars_tf.data import elastic
 from lars_tf.data.pipeline import Datasets, steps_per_epoch
 
 
-def build(config, size: int, dtype: tf.DType) -> Datasets:
+def build(config, size: int, dtype: tf.DType, batch: int | None = None) -> Datasets:
     """Random images of the model's input shape, made once and repeated: input costs
-    nothing, so throughput measures the model and the all-reduce alone."""
-    batch = config.per_rank_batch_size(size)
+    nothing, so throughput measures the model and the all-reduce alone. ``batch``: this
+    rank's (default: an even split of the global batch)."""
+    batch = batch or config.per_rank_batch_size(size)
     shape = (config.image_size, config.image_size, 3)
     images = tf.random.uniform((batch, *shape), dtype=tf.float32, seed=config.seed)
     labels = tf.random.uniform((batch,), maxval=config.num_classes, dtype=tf.int32,
@@ -18,6 +20,8 @@ def build(config, size: int, dtype: tf.DType) -> Datasets:
     train = tf.data.Dataset.from_tensors(
         (tf.cast(images, dtype), labels)).repeat()
     examples = config.train_examples or 10 * config.global_batch_size
-    return Datasets(train=train, eval=None, steps_per_epoch=steps_per_epoch(config, examples, size),
+    steps = (elastic.updates_per_epoch(examples, config.global_batch_size) if config.elastic
+             else steps_per_epoch(config, examples, size))
+    return Datasets(train=train, eval=None, steps_per_epoch=steps,
                     train_examples=examples, eval_examples=0, input_shape=shape,
                     num_classes=config.num_classes)

@@ -1,0 +1,158 @@
+"""Elastic training (``--elastic``): the data re-cut over a changing number of ranks, the
+unequal batches' weighting, the refusals, and real jobs (local ranks here; hosts that
+leave and join in tests/test_cluster.py)."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lars_tf.config import TrainConfig
+from lars_tf.data import elastic
+from lars_tf.testing import BIN, LAUNCH, fashion_mnist_dir, launcher, run_job
+
+
+def _read(examples, global_batch, seed, rank, size, epoch, update, updates):
+    """What rank ``rank`` of ``size`` reads for ``updates`` updates from (epoch, update)."""
+    ds = elastic.index_batches(examples, global_batch, seed, rank, size, epoch, update)
+    return [b.numpy() for b in ds.take(updates)]
+
+
+@pytest.mark.parametrize("global_batch", [96, 100])
+def test_an_epoch_split_over_3_then_2_then_3_ranks_reads_each_example_once(global_batch):
+    """The pipeline's own index datasets, as the trainer builds them after each reset: 3
+    ranks from the epoch's start, 2 from the update where the third was lost, 3 again from
+    where it came back. Every update reads the whole global batch (34+33+33 of 100 when it
+    does not split evenly), no example is read twice in the epoch, and the epoch reads
+    exactly the first updates x G positions of its order, which is that of one rank."""
+    n, seed, epoch = 1000, 7, 2
+    updates = elastic.updates_per_epoch(n, global_batch)
+    plan = [(3, 0, 4), (2, 4, 3), (3, 7, updates - 7)]  # (ranks, from update, updates)
+    seen = []
+    for size, start, count in plan:
+        per_rank = [_read(n, global_batch, seed, r, size, epoch, start, count)
+                    for r in range(size)]
+        for u in range(count):
+            batch = np.concatenate([per_rank[r][u] for r in range(size)])
+            assert len(batch) == global_batch
+            seen.append(batch)
+    seen = np.concatenate(seen)
+    assert len(seen) == len(set(seen.tolist())) == updates * global_batch
+    one_rank = np.concatenate(_read(n, global_batch, seed, 0, 1, epoch, 0, updates))
+    np.testing.assert_array_equal(seen, one_rank)
+    # the next epoch is another order of the same examples
+    after = np.concatenate(_read(n, global_batch, seed, 0, 1, epoch + 1, 0, updates))
+    assert not np.array_equal(after, one_rank)
+
+
+def test_rank_slices_cover_the_global_batch_and_weigh_it_exactly():
+    for size in (1, 2, 3, 7):
+        slices = [elastic.rank_slice(100, r, size) for r in range(size)]
+        assert [o for o, _ in slices] == list(np.cumsum([0] + [c for _, c in slices])[:-1])
+        assert sum(c for _, c in slices) == 100
+        assert max(c for _, c in slices) - min(c for _, c in slices) <= 1
+        shares = [elastic.batch_share(100, r, size) for r in range(size)]
+        assert sum(shares) / size == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="smaller than the 8 ranks"):
+        elastic.rank_slice(7, 0, 8)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(dataset="imagenet"), "--elastic: --dataset=imagenet"),
+    (dict(backward_passes_per_step=2), "--backward_passes_per_step=2"),
+    (dict(noise_scale_every=5), "--noise_scale_every=5"),
+    (dict(elastic_commit_every=0), "--elastic_commit_every"),
+])
+def test_elastic_refuses_what_it_cannot_keep_exact(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(elastic=True, **changes)
+
+
+def test_a_partial_batch_split_is_reported_per_rank():
+    config = TrainConfig(elastic=True, global_batch_size=100)
+    assert [config.per_rank_batch_size(3, r) for r in range(3)] == [34, 33, 33]
+
+
+TRAIN = ["--model=mlp", "--dataset=fashion_mnist", "--global_batch_size=100",
+         "--train_examples=2000", "--epochs=2", "--learning_rate=0.5", "--warmup_epochs=0.5",
+         "--deterministic", "--noprogress_bar", "--elastic", "--elastic_commit_every=4"]
+
+
+def _weights(model_dir, epoch):
+    reader = tf.train.load_checkpoint(str(model_dir / "checkpoints" / f"epoch-{epoch:06d}"
+                                          / "ckpt"))
+    # every float variable: the model's (saved under the optimizer's trainable variables)
+    # and the optimizer's slots
+    return {k: reader.get_tensor(k) for k in sorted(reader.get_variable_to_shape_map())
+            if k != "_CHECKPOINTABLE_OBJECT_GRAPH" and reader.get_tensor(k).dtype.kind == "f"}
+
+
+def test_three_ranks_of_unequal_batches_train_as_one_process_on_the_global_batch(tmp_path):
+    """--elastic on 3 local ranks (Gloo) with a global batch of 100 (34 + 33 + 33 per
+    update): each rank's gradient is weighted by its slice, so the weights after 2 epochs
+    equal those of one process reading the same global batches, and each epoch's log counts
+    exactly 20 updates x 100 examples."""
+    env = dict(LARS_TF_DATA_DIR=fashion_mnist_dir())
+    run_job([str(BIN / "horovodrun"), "--gloo", "-np", "3", "-H", "localhost:3",
+             str(BIN / "lars-train"), f"--model_dir={tmp_path / 'three'}", *TRAIN],
+            timeout=600, **env)
+    run_job([str(BIN / "lars-train"), f"--model_dir={tmp_path / 'one'}", *TRAIN],
+            timeout=600, **env)
+    three, one = _weights(tmp_path / "three", 2), _weights(tmp_path / "one", 2)
+    assert three.keys() == one.keys() and len(three) > 4
+    for k in three:
+        np.testing.assert_allclose(three[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    summary = json.loads((tmp_path / "three" / "summary.json").read_text())
+    assert summary["world_size"] == 3
+    assert [h["examples"] for h in summary["history"]] == [2000.0, 2000.0]
+    assert summary["elastic_resets"] == 0
+
+
+def test_the_launcher_starts_an_elastic_job_and_refuses_a_wrong_one(tmp_path):
+    discover = tmp_path / "discover.sh"
+    discover.write_text("#!/bin/sh\necho localhost:2\n")
+    discover.chmod(0o755)
+    dry = run_job([str(LAUNCH / "horovodrun_gpu.sh"), "--elastic", "--host-discovery-script",
+                   str(discover), "-np", "2", "--min-np", "1", "--max-np", "3", "--dry-run",
+                   "--", "--model=mlp"]).stdout
+    command = dry.split("# command")[1]
+    for part in ("horovodrun --gloo -np 2 --min-np 1", "--max-np 3",
+                 f"--host-discovery-script {discover}", "lars-train --model=mlp --elastic"):
+        assert part in command, command
+    for args, message in [
+        (["--elastic", "-np", "2"], "needs --host-discovery-script"),
+        (["--elastic", "--host-discovery-script", str(discover), "-H", "a:1"],
+         "not -H/--hostfile"),
+        (["--elastic", "--host-discovery-script", str(tmp_path / "none.sh"), "-np", "2"],
+         "not an executable file"),
+        (["--elastic", "--mpi", "--host-discovery-script", str(discover), "-np", "2"],
+         "runs under Gloo"),
+        (["--elastic", "--host-discovery-script", str(discover), "-np", "2", "--min-np", "3"],
+         "--min-np=3"),
+        (["--min-np", "1", "-H", "a:1"], "--min-np needs --elastic"),
+    ]:
+        proc = run_job([str(LAUNCH / "horovodrun_gpu.sh"), *args, "--dry-run"], check=False)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+
+
+REINIT = """
+import horovod.tensorflow as hvd
+import tensorflow as tf
+for _ in range(3):  # what every elastic reset does
+    hvd.init()
+    total = hvd.allreduce(tf.constant([1.0]), op=hvd.Sum).numpy()[0]
+    assert total == hvd.size() == 2, total
+    hvd.shutdown()
+print("reinit ok")
+"""
+
+
+def test_horovod_starts_again_in_a_process_with_fusion_and_cycle_time_set():
+    """An elastic reset calls hvd.init() again in the same process. With the fusion
+    threshold and cycle time fixed by the environment (as every preset of the launchers
+    fixes them), Horovod 0.28.1's second init wrote past the end of its autotuner's vector
+    and crashed (tools/patches/horovod-0.28.1-elastic-reinit-fixed-parameters.patch)."""
+    proc = run_job(launcher("gloo") + ["python", "-c", REINIT], timeout=300,
+                   HOROVOD_FUSION_THRESHOLD=33554432, HOROVOD_CYCLE_TIME=2)
+    assert proc.stdout.count("reinit ok") == 2, proc.stdout
