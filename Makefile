@@ -67,8 +67,8 @@ bench: setup
 	python -m benchmarks.input_pipeline
 	python -m benchmarks.allreduce
 	@if [ "$$(id -u)" -eq 0 ]; then python -m benchmarks.cluster_allreduce && \
-		python -m benchmarks.mwms_peer; \
-	else echo "benchmarks.cluster_allreduce, mwms_peer skipped: tools/cluster.sh needs root"; fi
+		python -m benchmarks.mwms_peer && python -m benchmarks.elastic_reset; \
+	else echo "benchmarks.cluster_allreduce, mwms_peer, elastic_reset skipped: tools/cluster.sh needs root"; fi
 	python -m benchmarks.scaling
 	python -m benchmarks.noise_scale
 	python -m benchmarks.critical_batch

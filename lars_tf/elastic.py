@@ -66,6 +66,12 @@ class TrainingState(State):
         self.epoch, self.update, self.examples, history, self.resets = fields
         self.history[:] = history
 
+    @property
+    def committed(self) -> tuple[int, int]:
+        """(epoch, update) of the last commit: where ``restore`` goes back to."""
+        fields = self._saved[1]
+        return fields[0], fields[1]
+
     def save(self) -> None:
         self._saved = ([v.numpy() for v in self.variables], self._fields())
 
@@ -94,9 +100,11 @@ def run(train):
             return train(state, *args, **kwargs)
         except Exception as e:
             if lost_a_rank(e) and not isinstance(e, HorovodInternalError):
-                logging.warning("a collective failed (a rank was lost): rolling back to "
-                                "epoch %d, update %d, and resetting: %s", state.epoch + 1,
-                                state.update, _what_failed(e))
+                epoch, update = state.committed
+                logging.warning("a collective failed (a rank was lost) at epoch %d, update "
+                                "%d: rolling back to epoch %d, update %d, and resetting: %s",
+                                state.epoch + 1, state.update, epoch + 1, update,
+                                _what_failed(e))
                 raise HorovodInternalError(e) from e
             raise
 

@@ -180,6 +180,24 @@ def test_slurm_sbatch_runs_a_job_across_two_hosts(cluster, tmp_path):
     assert _summary(model_dir)["epochs_done"] == 1
 
 
+def test_slurm_elastic_job_runs_on_the_allocation(cluster, tmp_path):
+    """`sbatch -N 2 launch/slurm.sbatch --launcher horovodrun --elastic`: horovodrun's
+    elastic driver on the allocation's node list (a discovery script of the nodes) trains
+    with one rank on each node, every epoch reading exactly its examples."""
+    proc = _cluster(cluster, "slurm", check=False)  # up already, after the test before
+    assert proc.returncode == 0 or "already started" in proc.stderr, proc.stderr
+    model_dir = tmp_path / "run"
+    run_job([CLUSTER, "run", "h1", "sbatch", "-N", "2", "--ntasks-per-node=1",
+             "--cpus-per-task=2", f"--output={tmp_path}/slurm-%j.out", "--wait",
+             str(LAUNCH / "slurm.sbatch"), "--launcher", "horovodrun", "--elastic", "--",
+             f"--model_dir={model_dir}", *TRAIN],
+            timeout=600, **_env(cluster))
+    summary = _summary(model_dir)
+    assert sorted(r["host"] for r in summary["ranks"]) == ["h1", "h2"]
+    assert summary["config"]["elastic"] is True
+    assert [h["examples"] for h in summary["history"]] == [8192.0]
+
+
 def test_a_lost_host_ends_the_job_and_the_hosts_left_resume(cluster, tmp_path):
     """h2 disappears mid-epoch (every process on it killed, its link taken down, as a host
     that loses power): the job on h1 ends non-zero within 60 s naming the lost rank, and
@@ -221,3 +239,4 @@ def test_a_lost_host_ends_the_job_and_the_hosts_left_resume(cluster, tmp_path):
     summary = _summary(tmp_path)
     assert summary["resumed_from_epoch"] in (1, 2) and summary["epochs_done"] == 3
     assert [r["host"] for r in summary["ranks"]] == ["h1"]
+

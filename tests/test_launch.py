@@ -138,6 +138,12 @@ def test_slurm_launcher_reads_the_allocation(tmp_path):
                          **env)
     assert "mpirun -np 4 -H n1:2\\,n2:2 --map-by ppr:2:node:PE=4 --bind-to core" in command
     assert command.endswith("python mine.py")
+    # elastic: horovodrun over the allocation's nodes, each listed with its tasks
+    _, command = dry_run("slurm.sbatch", "--launcher", "horovodrun", "--elastic", "--min-np",
+                         "2", "--", "--model=mlp", **env)
+    assert command.startswith("horovodrun --gloo -np 4 --min-np 2 --max-np 4 "
+                              "--slots-per-host 2 --host-discovery-script "), command
+    assert command.endswith("lars-train --model=mlp --intra_op_threads=4 --elastic")
 
 
 GPU, CPU, SLURM = "horovodrun_gpu.sh", "mpirun_cpu.sh", "slurm.sbatch"
@@ -159,7 +165,10 @@ GPU, CPU, SLURM = "horovodrun_gpu.sh", "mpirun_cpu.sh", "slurm.sbatch"
     (CPU, ["--mpirun", "/no/mpirun"], "--mpirun=/no/mpirun: not found"),
     (CPU, ["--cycle-time-ms", "-1"], "--cycle-time-ms=-1: must be a number"),
     (SLURM, [], "not inside a Slurm allocation"),
-    (SLURM, ["--launcher", "ssh", "--dry-run"], "--launcher=ssh: must be srun or mpirun"),
+    (SLURM, ["--launcher", "ssh", "--dry-run"],
+     "--launcher=ssh: must be srun, mpirun or horovodrun"),
+    (SLURM, ["--elastic", "--dry-run"], "--elastic needs --launcher horovodrun"),
+    (SLURM, ["--min-np", "2", "--dry-run"], "--min-np needs --elastic"),
     # host entries reach ssh (the lost-host probe) and the launchers: an option or a glob
     # in their place ran a command on this machine, or expanded to file names
     (GPU, ["-H", "-oProxyCommand=touch${IFS}/tmp/x:1"],

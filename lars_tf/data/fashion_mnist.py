@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 
@@ -119,8 +120,9 @@ def build_elastic(config, rank: int, size: int, eval_batch_size: int, epoch: int
                   update: int) -> Datasets:
     """For ``--elastic``: each rank's slice of every global batch of an order that every
     rank shares (``lars_tf.data.elastic``), from update ``update`` of epoch ``epoch`` on."""
-    images, labels = load(config.resolved_data_dir(), "train")
-    test_images, test_labels = load(config.resolved_data_dir(), "test")
+    # built again at every epoch and reset: the files are read once per process
+    images, labels = _load_once(config.resolved_data_dir(), "train")
+    test_images, test_labels = _load_once(config.resolved_data_dir(), "test")
     if 0 < config.train_examples < len(labels):
         images, labels = images[:config.train_examples], labels[:config.train_examples]
     steps = elastic.updates_per_epoch(len(labels), config.global_batch_size)
@@ -134,6 +136,13 @@ def build_elastic(config, rank: int, size: int, eval_batch_size: int, epoch: int
     )
     return _datasets(train, test_images, test_labels, rank, size, eval_batch_size, steps,
                      len(labels))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_once(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = load(data_dir, split)
+    images.flags.writeable = labels.flags.writeable = False  # shared by every call
+    return images, labels
 
 
 def _datasets(train, test_images, test_labels, rank, size, eval_batch_size, steps,
