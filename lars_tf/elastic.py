@@ -16,7 +16,8 @@ reset and re-rendezvous), not on its Keras layer, which does not run on Keras 3:
   synced, and ``train`` called again. Any other error ends the job as it would without
   ``--elastic`` (Horovod's own ``hvd.elastic.run`` returns ``None`` for an error that does
   not name one of its three ops; this one re-raises it).
-- ``CommitState``: the Keras callback that commits every N updates and at each epoch's end.
+- ``CommitState`` and ``EndEpoch``: the Keras callbacks that commit every N updates (and
+  count the examples read) and at each epoch's end.
 """
 
 from __future__ import annotations

@@ -333,6 +333,21 @@ name_lost_hosts() {  # name_lost_hosts HOST...: say which hosts no longer answer
     fi
 }
 
+resume_hint() {  # after a failed lars-train job: the newest checkpoint to go on from
+    # (its rank 0, which says so itself, may have been ended by the launcher first)
+    is_lars_train || return 0
+    local arg prev="" dir="" newest=""
+    for arg in "${PROGRAM[@]}"; do
+        case "$arg" in --model_dir=*) dir="${arg#--model_dir=}" ;; esac
+        [[ "$prev" == --model_dir ]] && dir="$arg"
+        prev="$arg"
+    done
+    [[ -n "$dir" && -d "$dir/checkpoints" ]] || return 0
+    for arg in "$dir"/checkpoints/epoch-*; do [[ -d "$arg" ]] && newest="$arg"; done
+    [[ -z "$newest" ]] || echo "[launch] the newest checkpoint is $newest: continue from it" \
+        "with --resume --model_dir=$dir" >&2
+}
+
 show_and_run() {  # show_and_run CMD...: --dry-run prints, otherwise runs it
     # With REMOTE_HOSTS set (a multi-host job), a failed job is followed by an ssh probe
     # that names the hosts that are gone: under Gloo a host lost without a word (power,
@@ -360,6 +375,6 @@ show_and_run() {  # show_and_run CMD...: --dry-run prints, otherwise runs it
     trap - TERM INT HUP
     local -a remote
     mapfile -t remote <<< "$REMOTE_HOSTS"  # one a line: no word splitting, no globbing
-    (( rc == 0 )) || name_lost_hosts "${remote[@]}"
+    (( rc == 0 )) || { name_lost_hosts "${remote[@]}"; resume_hint; }
     exit "$rc"
 }
