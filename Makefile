@@ -36,9 +36,10 @@ test-fast: setup
 
 # What CI runs on the legacy stack (LARS_TF_STACK=keras2 make test-legacy): LARS against
 # NumPy, lars_tf.DistributedOptimizer (its refusals, plain compile/fit on 2 ranks), the
-# composition and equivalence jobs, 2-rank trainer runs, and exact resume.
+# composition and equivalence jobs, 2-rank trainer runs, exact resume, and elastic
+# training's local tests (3 ranks of unequal slices, Horovod started again).
 LEGACY_TESTS := tests/test_lars.py tests/test_schedules.py tests/test_composition.py \
-	tests/test_distributed_optimizer.py tests/test_keras_api.py \
+	tests/test_distributed_optimizer.py tests/test_keras_api.py tests/test_elastic.py \
 	tests/test_distributed_training.py \
 	tests/test_trainer.py::test_resume_equals_an_uninterrupted_run
 test-legacy: setup
