@@ -101,16 +101,22 @@ def _cmdline(pid) -> str:
         return ""
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def hosts_up(tmp_path_factory, n: int):
+    """A fixture's body: ``n`` hosts up in a folder of their own, yielding the environment
+    that names it; down afterwards, leaving nothing behind."""
     state = tmp_path_factory.mktemp("cluster") / "state"
     env = job_env(LARS_TF_CLUSTER_DIR=state)
-    _cluster(env, "up", "2")
+    _cluster(env, "up", str(n))
     try:
         yield env
     finally:
         _cluster(env, "down")
         assert _leftovers(state) == []
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from hosts_up(tmp_path_factory, 2)
 
 
 def _summary(model_dir):

@@ -12,21 +12,14 @@ import time
 import pytest
 
 from lars_tf.testing import BIN, LAUNCH, REPO, fashion_mnist_dir, job_env, run_job
-from tests.test_cluster import CLUSTER, _cluster, _leftovers
+from tests.test_cluster import CLUSTER, _cluster, _cmdline, hosts_up
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="tools/cluster.sh needs root")
 
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
-    state = tmp_path_factory.mktemp("elastic-cluster") / "state"
-    env = job_env(LARS_TF_CLUSTER_DIR=state)
-    _cluster(env, "up", "4")
-    try:
-        yield env
-    finally:
-        _cluster(env, "down")
-        assert _leftovers(state) == []
+    yield from hosts_up(tmp_path_factory, 4)
 
 
 def _discovery(tmp_path, listed):
@@ -185,10 +178,3 @@ def _ranks_left() -> list[str]:
                                     text=True).stdout.split()
             if "lars-train" in _cmdline(p) or "horovodrun" in _cmdline(p)]
 
-
-def _cmdline(pid) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
