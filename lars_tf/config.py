@@ -152,7 +152,11 @@ class TrainConfig:
             if self.dataset not in ELASTIC_DATASETS:
                 raise ValueError(f"--elastic: --dataset={self.dataset} cannot yet be re-cut "
                                  "over a new number of ranks mid-epoch; --elastic takes "
-                                 f"{ELASTIC_DATASETS}")
+                                 f"{ELASTIC_DATASETS} (imagenet: shards from lars-convert)")
+            if self.cache:
+                raise ValueError("--elastic with --cache: an elastic job reads each update's "
+                                 "records by position, not a fixed share of the shards to "
+                                 "keep in memory (the page cache keeps the shards)")
             for flag, ok in (("backward_passes_per_step", self.backward_passes_per_step == 1),
                              ("noise_scale_every", self.noise_scale_every == 0)):
                 if not ok:

@@ -131,6 +131,46 @@ def photos(names: tuple[str, ...] = PHOTOS) -> dict[str, str]:
     return {name: str(folder / name) for name in names}
 
 
+def write_shard(path, payloads) -> None:
+    """A TFRecord shard at ``path`` of ImageNet-format Examples, one per ``(image bytes,
+    label)`` of ``payloads`` (the bytes as given: they need not be a valid image)."""
+    import tensorflow as tf
+
+    with tf.io.TFRecordWriter(str(path)) as w:
+        for payload, label in payloads:
+            w.write(tf.train.Example(features=tf.train.Features(feature={
+                "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(
+                    value=[payload])),
+                "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(
+                    value=[label])),
+            })).SerializeToString())
+
+
+def id_shards(root: Path, files: int, records: int = 24, photo: str = "chelsea.png",
+              indexed: bool = False) -> Path:
+    """``files`` train shards (and one validation shard) of one real photo, whose label is
+    the record's id ``0..records-1``, spread over the files round-robin; with ``indexed``,
+    each with the index lars-convert writes (``shard_index``), as if it had validated it."""
+    import numpy as np
+    import tensorflow as tf
+
+    from lars_tf.data import shard_index
+
+    root.mkdir(exist_ok=True)
+    image = tf.io.decode_image(open(photos((photo,))[photo], "rb").read(), channels=3)
+    jpeg = tf.io.encode_jpeg(tf.image.resize(image, [96, 128]).numpy().astype(np.uint8),
+                             quality=90).numpy()
+    shards = {root / f"train-{f:05d}-of-{files:05d}": list(range(f, records, files))
+              for f in range(files)}
+    shards[root / "validation-00000-of-00001"] = list(range(records))
+    classes = [str(i) for i in range(records)]
+    for path, labels in shards.items():
+        write_shard(path, [(jpeg, i) for i in labels])
+        if indexed:
+            shard_index.write(str(path), len(labels), labels, classes)
+    return root
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory, in MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from lars_tf import data as data_lib
+from lars_tf import testing
 from lars_tf.config import TrainConfig
-from lars_tf.data import elastic
+from lars_tf.data import elastic, imagenet, record_table
 from lars_tf.testing import BIN, LAUNCH, fashion_mnist_dir, launcher, run_job
 
 
@@ -59,7 +61,8 @@ def test_rank_slices_cover_the_global_batch_and_weigh_it_exactly():
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(dataset="imagenet"), "--elastic: --dataset=imagenet"),
+    (dict(dataset="tfds:mnist"), "--elastic: --dataset=tfds:mnist"),
+    (dict(dataset="imagenet", cache=True), "--elastic with --cache"),
     (dict(backward_passes_per_step=2), "--backward_passes_per_step=2"),
     (dict(noise_scale_every=5), "--noise_scale_every=5"),
     (dict(elastic_commit_every=0), "--elastic_commit_every"),
@@ -67,6 +70,63 @@ def test_rank_slices_cover_the_global_batch_and_weigh_it_exactly():
 def test_elastic_refuses_what_it_cannot_keep_exact(changes, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(elastic=True, **changes)
+
+
+def _imagenet_config(root, **kw):
+    return TrainConfig(**{**dict(dataset="imagenet", data_dir=str(root), image_size=24,
+                                 num_classes=40, global_batch_size=10, elastic=True, seed=3),
+                          **kw})
+
+
+def test_imagenet_shards_re_cut_over_3_then_2_then_3_ranks_read_what_one_process_reads(
+        tmp_path):
+    """lars-convert-indexed shards (3 files of 40 records, each record's label its id), an
+    epoch of 4 updates of 10: 3 ranks for the first update (4 + 3 + 3 records), 2 from the
+    second (5 + 5), 3 again from the fourth, as the trainer rebuilds the data after each
+    reset. Every update reads 10 records, the epoch reads each record exactly once, and the
+    records and their random crops are those one process reads: bit for bit."""
+    root = testing.id_shards(tmp_path / "shards", 3, records=40, indexed=True)
+    config, epoch = _imagenet_config(root), 1
+    plan = [(3, 0, 1), (2, 1, 2), (3, 3, 1)]  # (ranks, from update, updates)
+    images, labels = [], []
+    for size, start, count in plan:
+        per_rank = [list(data_lib.build_elastic(config, r, size, epoch, start)
+                         .train.take(count)) for r in range(size)]
+        for u in range(count):
+            x = np.concatenate([per_rank[r][u][0].numpy() for r in range(size)])
+            y = np.concatenate([per_rank[r][u][1].numpy() for r in range(size)])
+            assert len(y) == 10, (size, start + u, len(y))
+            images.append(x)
+            labels.append(y)
+    labels = np.concatenate(labels)
+    assert sorted(labels.tolist()) == list(range(40)), labels
+    one = list(data_lib.build_elastic(config, 0, 1, epoch, 0).train.take(4))
+    np.testing.assert_array_equal(labels, np.concatenate([y.numpy() for _, y in one]))
+    np.testing.assert_array_equal(np.concatenate(images),
+                                  np.concatenate([x.numpy() for x, _ in one]))
+    # the next epoch: the same records in another order, with other crops
+    after = list(data_lib.build_elastic(config, 0, 1, epoch + 1, 0).train.take(4))
+    later = np.concatenate([y.numpy() for _, y in after])
+    assert sorted(later.tolist()) == list(range(40)) and not np.array_equal(later, labels)
+
+
+def test_elastic_imagenet_needs_shards_lars_convert_indexed(tmp_path):
+    root = testing.id_shards(tmp_path / "plain", 2, records=8)
+    with pytest.raises(ValueError, match="train-00000-of-00002 is not .no index"):
+        data_lib.build_elastic(_imagenet_config(root, num_classes=8), 0, 2, 0, 0)
+    # the positional reader's own checks, for a shard damaged past its index's fingerprint
+    root = testing.id_shards(tmp_path / "indexed", 1, records=4, indexed=True)
+    shard = str(root / "train-00000-of-00001")
+    table = record_table.RecordTable([shard], [4])
+    assert [int(tf.io.parse_single_example(r, imagenet.FEATURES)["image/class/label"])
+            for r in table.read(np.array([3, 0, 2]))] == [3, 0, 2]
+    with pytest.raises(ValueError, match="index promises 5 records, the file holds 4"):
+        record_table.RecordTable([shard], [5])
+    with open(shard, "ab") as f:  # a header whose record is missing
+        f.write(b"\x40" + b"\x00" * 11)
+    with pytest.raises(ValueError, match=r"train-00000-of-00001: the record at byte offset "
+                                         r"\d+ claims 64 bytes, past the end"):
+        record_table.RecordTable([shard])
 
 
 def test_a_partial_batch_split_is_reported_per_rank():
@@ -88,16 +148,30 @@ def _weights(model_dir, epoch):
             if k != "_CHECKPOINTABLE_OBJECT_GRAPH" and reader.get_tensor(k).dtype.kind == "f"}
 
 
-def test_three_ranks_of_unequal_batches_train_as_one_process_on_the_global_batch(tmp_path):
-    """--elastic on 3 local ranks (Gloo) with a global batch of 100 (34 + 33 + 33 per
-    update): each rank's gradient is weighted by its slice, so the weights after 2 epochs
-    equal those of one process reading the same global batches, and each epoch's log counts
-    exactly 20 updates x 100 examples."""
-    env = dict(LARS_TF_DATA_DIR=fashion_mnist_dir())
+IMAGENET = ["--model=mlp", "--dataset=imagenet", "--image_size=24", "--num_classes=40",
+            "--global_batch_size=10", "--epochs=2", "--learning_rate=0.5",
+            "--warmup_epochs=0.5", "--deterministic", "--noprogress_bar", "--elastic",
+            "--elastic_commit_every=2"]
+
+
+@pytest.mark.parametrize("source", ["fashion_mnist", "imagenet"])
+def test_three_ranks_of_unequal_batches_train_as_one_process_on_the_global_batch(source,
+                                                                                 tmp_path):
+    """--elastic on 3 local ranks (Gloo) with a global batch that 3 does not divide
+    (Fashion-MNIST: 100 = 34 + 33 + 33; lars-convert shards of 40 records: 10 = 4 + 3 + 3):
+    each rank's gradient is weighted by its slice, so the weights after 2 epochs equal those
+    of one process reading the same global batches, and each epoch's log counts exactly its
+    updates x the global batch."""
+    if source == "imagenet":
+        root = testing.id_shards(tmp_path / "shards", 3, records=40, indexed=True)
+        args, env, examples = IMAGENET + [f"--data_dir={root}"], {}, 40.0
+    else:
+        args, env = TRAIN, dict(LARS_TF_DATA_DIR=fashion_mnist_dir())
+        examples = 2000.0
     run_job([str(BIN / "horovodrun"), "--gloo", "-np", "3", "-H", "localhost:3",
-             str(BIN / "lars-train"), f"--model_dir={tmp_path / 'three'}", *TRAIN],
+             str(BIN / "lars-train"), f"--model_dir={tmp_path / 'three'}", *args],
             timeout=600, **env)
-    run_job([str(BIN / "lars-train"), f"--model_dir={tmp_path / 'one'}", *TRAIN],
+    run_job([str(BIN / "lars-train"), f"--model_dir={tmp_path / 'one'}", *args],
             timeout=600, **env)
     three, one = _weights(tmp_path / "three", 2), _weights(tmp_path / "one", 2)
     assert three.keys() == one.keys() and len(three) > 4
@@ -105,7 +179,7 @@ def test_three_ranks_of_unequal_batches_train_as_one_process_on_the_global_batch
         np.testing.assert_allclose(three[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
     summary = json.loads((tmp_path / "three" / "summary.json").read_text())
     assert summary["world_size"] == 3
-    assert [h["examples"] for h in summary["history"]] == [2000.0, 2000.0]
+    assert [h["examples"] for h in summary["history"]] == [examples, examples]
     assert summary["elastic_resets"] == 0
 
 

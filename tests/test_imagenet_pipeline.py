@@ -137,17 +137,6 @@ def test_output_dtype_follows_the_policy(shards):
     assert next(iter(d.train))[0].dtype == next(iter(d.eval))[0].dtype == tf.float16
 
 
-def _write_shard(path, payloads):
-    with tf.io.TFRecordWriter(str(path)) as w:
-        for payload, label in payloads:
-            w.write(tf.train.Example(features=tf.train.Features(feature={
-                "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(
-                    value=[payload])),
-                "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(
-                    value=[label])),
-            })).SerializeToString())
-
-
 @pytest.fixture()
 def corrupt_dir(shards, tmp_path):
     good = [imagenet.parse(r)[0].numpy() for r in
@@ -155,8 +144,8 @@ def corrupt_dir(shards, tmp_path):
     payloads = [(g, i % 3) for i, g in enumerate(good)]
     payloads[3] = (os.urandom(3000), 0)             # not a JPEG
     payloads[6] = (good[6][: len(good[6]) // 2], 1)  # a truncated JPEG
-    _write_shard(tmp_path / "train-00000-of-00001", payloads)
-    _write_shard(tmp_path / "validation-00000-of-00001", payloads)
+    testing.write_shard(tmp_path / "train-00000-of-00001", payloads)
+    testing.write_shard(tmp_path / "validation-00000-of-00001", payloads)
     return tmp_path
 
 
@@ -279,20 +268,6 @@ def test_two_rank_training_run_on_converted_shards(shards, tmp_path):
 
 # --- correctness at scale: partitions, per-rank randomness, labels, damaged shards --------
 
-def _id_shards(root, files, records=24, photo="chelsea.png"):
-    """``files`` train shards (and one validation shard) of one real photo, whose label is
-    the record's id 0..records-1, spread over the files round-robin."""
-    root.mkdir(exist_ok=True)
-    image = tf.io.decode_image(open(testing.photos((photo,))[photo], "rb").read(), channels=3)
-    jpeg = tf.io.encode_jpeg(tf.image.resize(image, [96, 128]).numpy().astype(np.uint8),
-                             quality=90).numpy()
-    for f in range(files):
-        _write_shard(root / f"train-{f:05d}-of-{files:05d}",
-                     [(jpeg, i) for i in range(f, records, files)])
-    _write_shard(root / "validation-00000-of-00001", [(jpeg, i) for i in range(records)])
-    return root
-
-
 def _epoch_labels(d, epoch):
     """The labels rank ``d`` reads in epoch ``epoch`` (0-based) of its train stream."""
     batches = d.train.skip(epoch * d.steps_per_epoch).take(d.steps_per_epoch)
@@ -306,7 +281,7 @@ def test_every_record_is_read_by_exactly_one_rank_each_epoch(files, cache, deter
     """3 ranks on 2 files (fewer files than ranks) and on 4 (not a multiple): each epoch the
     multiset of record ids read over all ranks is the dataset (file_assignment is checked
     for every count up to 12 files and 9 ranks below)."""
-    root = _id_shards(tmp_path / "shards", files)
+    root = testing.id_shards(tmp_path / "shards", files)
     config = _config(root, num_classes=24, global_batch_size=6, cache=cache,
                      deterministic=deterministic, shuffle_buffer=4)
     ranks = [data_lib.build(config, r, 3) for r in range(3)]
@@ -338,7 +313,7 @@ def test_ranks_draw_different_crops_and_flips_and_a_rerun_repeats_them(tmp_path)
     """Every record is the same photo: what differs between two ranks' images is only the
     random crop and flip, which come from (seed, rank, epoch) and repeat with the seed. (Every
     rank sets the same global seed, as the trainer does for the initial weights.)"""
-    root = _id_shards(tmp_path / "shards", 1, records=16)
+    root = testing.id_shards(tmp_path / "shards", 1, records=16)
     config = _config(root, num_classes=16, global_batch_size=8, shuffle_buffer=1)
 
     def images(rank, seed=0):
@@ -360,16 +335,16 @@ def test_a_label_out_of_range_stops_training_even_where_corrupt_jpegs_are_skippe
     """1-based labels read with --label_offset=0: the last class, 3 of num_classes=3, must
     stop training and eval, naming file and record, beyond the sample checked before
     training (it was silently dropped with the corrupt-JPEG skipping)."""
-    good = _id_shards(tmp_path / "ids", 1, records=1)
+    good = testing.id_shards(tmp_path / "ids", 1, records=1)
     jpeg = imagenet.parse(next(iter(tf.data.TFRecordDataset(
         imagenet.split_files(str(good), "validation")))))[0].numpy()
     root = tmp_path / "shards"
     root.mkdir()
     payloads = [(jpeg, i % 3) for i in range(30)]
     payloads[20] = (jpeg, 3)
-    _write_shard(root / "train-00000-of-00002", [(jpeg, i % 3) for i in range(30)])
-    _write_shard(root / "train-00001-of-00002", payloads)
-    _write_shard(root / "validation-00000-of-00001", payloads)
+    testing.write_shard(root / "train-00000-of-00002", [(jpeg, i % 3) for i in range(30)])
+    testing.write_shard(root / "train-00001-of-00002", payloads)
+    testing.write_shard(root / "validation-00000-of-00001", payloads)
     d = data_lib.build(_config(root, global_batch_size=4, shuffle_buffer=1), 0, 1)
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"label out of range in \S*train-00001-of-00002\S* record 20 label 3"):
@@ -380,7 +355,7 @@ def test_a_label_out_of_range_stops_training_even_where_corrupt_jpegs_are_skippe
             pass
     # before training: the first records of every shard, not only of the first one
     payloads[2] = (jpeg, 3)
-    _write_shard(root / "train-00001-of-00002", payloads)
+    testing.write_shard(root / "train-00001-of-00002", payloads)
     with pytest.raises(ValueError, match="train-00001-of-00002: record 2 has label 3"):
         data_lib.build(_config(root), 0, 1)
 
@@ -393,7 +368,7 @@ def _damage(path, at=0.5):
 
 
 def test_a_damaged_record_mid_shard_is_named_skipped_and_counted(tmp_path, capfd):
-    root = _id_shards(tmp_path / "shards", 2, records=40)
+    root = testing.id_shards(tmp_path / "shards", 2, records=40)
     _damage(root / "train-00001-of-00002")
     _damage(root / "validation-00000-of-00001")
     total = imagenet.count_records(imagenet.split_files(str(root), "train"))
@@ -433,7 +408,7 @@ def test_the_reader_keeps_each_files_stride_across_read_blocks(block, tmp_path, 
     """Files are read ``block`` records at a time: whatever the block, a rank gets exactly
     the records ``i % stride == offset`` of each file with their indexes, a damaged file up
     to its damage (named once)."""
-    root = _id_shards(tmp_path / "shards", 2, records=40)
+    root = testing.id_shards(tmp_path / "shards", 2, records=40)
     _damage(root / "train-00001-of-00002")
     files = imagenet.split_files(str(root), "train")
     strides, offsets = [2, 3], [1, 0]
@@ -578,7 +553,7 @@ def test_a_validated_shard_still_has_every_label_and_crc_checked(tmp_path, capfd
     the index fingerprints: the index still matches) is skipped and named."""
     from lars_tf.data import shard_index
 
-    root = _id_shards(tmp_path / "shards", 2, records=80)  # 2 x 40 records, ~217 KB each
+    root = testing.id_shards(tmp_path / "shards", 2, records=80)  # 2 x 40 records, ~217 KB each
     classes = [str(i) for i in range(80)]
     for f in imagenet.split_files(str(root), "train"):
         shard_index.write(f, 40, [0, 29], classes)  # forged: records of ids 0..79 claim 0..29
@@ -615,7 +590,7 @@ def test_a_shard_rewritten_after_conversion_gets_the_full_checks(shards, tmp_pat
     root = _copy_converted(shards, tmp_path / "copy")
     good = [imagenet.parse(r)[0].numpy() for r in
             tf.data.TFRecordDataset(str(root / "validation-00000-of-00002")).take(4)]
-    _write_shard(root / "validation-00000-of-00002",
+    testing.write_shard(root / "validation-00000-of-00002",
                  [(good[0], 0), (os.urandom(3000), 1), (good[1], 2)])
     from lars_tf.data import shard_index
 

@@ -19,7 +19,8 @@ __all__ = ["DATASETS", "Datasets", "build", "build_elastic", "check_name", "opti
            "rank_seed"]
 
 DATASETS = ("fashion_mnist", "imagenet", "synthetic", "tfds:NAME")
-ELASTIC_DATASETS = ("fashion_mnist", "synthetic")  # the sources build_elastic can re-cut
+# the sources build_elastic can re-cut (imagenet: shards indexed by lars-convert)
+ELASTIC_DATASETS = ("fashion_mnist", "imagenet", "synthetic")
 
 
 def check_name(dataset: str) -> None:
@@ -76,6 +77,8 @@ def build_elastic(config, rank: int, size: int, epoch: int, update: int,
     dtype = tf.as_dtype(dtype) if dtype is not None else compute_dtype()
     if config.dataset == "fashion_mnist":
         d = fashion_mnist.build_elastic(config, rank, size, eval_batch_size, epoch, update)
+    elif config.dataset == "imagenet":
+        d = imagenet.build_elastic(config, rank, size, eval_batch_size, epoch, update, dtype)
     elif config.dataset == "synthetic":
         d = synthetic.build(config, size, dtype,
                             batch=elastic.rank_slice(config.global_batch_size, rank, size)[1])

@@ -55,9 +55,9 @@ def epoch_order(examples: int, seed: int, epoch) -> tf.Tensor:
 
 
 def index_batches(examples: int, global_batch: int, seed: int, rank: int, size: int,
-                  epoch: int, update: int) -> tf.data.Dataset:
+                  epoch: int, update: int, with_epoch: bool = False) -> tf.data.Dataset:
     """This rank's example indices, one vector per update, from update ``update`` of epoch
-    ``epoch`` on, forever."""
+    ``epoch`` on, forever (with ``with_epoch``: ``(epoch, indices)`` pairs)."""
     updates = updates_per_epoch(examples, global_batch)
     if not 0 <= update < updates:
         raise ValueError(f"update {update} of an epoch of {updates}")
@@ -68,6 +68,7 @@ def index_batches(examples: int, global_batch: int, seed: int, rank: int, size: 
         mine = tf.reshape(order, [updates, global_batch])[:, offset: offset + count]
         first = tf.where(tf.equal(e, epoch), tf.constant(update, tf.int64),
                          tf.constant(0, tf.int64))
-        return tf.data.Dataset.from_tensor_slices(mine[first:])
+        rows = tf.data.Dataset.from_tensor_slices(mine[first:])
+        return rows.map(lambda idx: (e, idx)) if with_epoch else rows
 
     return tf.data.Dataset.range(epoch, 2 ** 62).flat_map(rows)

@@ -8,15 +8,18 @@ build_imagenet_data.py: give ``label_offset=1``), and optionally the bounding bo
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import glob
 import os
 import re
 import sys
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from lars_tf.data import pipeline, shard_index
+from lars_tf.data import elastic, pipeline, record_table, shard_index
 
 SPLIT_PATTERNS = {"train": "train-*-of-*", "validation": "validation-*-of-*"}
 _NOT_SHARDS = (".tmp", shard_index.SUFFIX)
@@ -358,9 +361,9 @@ def log_sharding(rank: int, files: int, size: int, split: str) -> None:
         logging.info("%s: %d files over %d ranks, sharded at the %s", split, files, size, how)
 
 
-def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int,
-          dtype: tf.DType) -> pipeline.Datasets:
-    """This rank's train and eval datasets of the shards in ``config.data_dir``."""
+def open_shards(config, rank: int) -> tuple[list[str], list[str], dict, dict[str, str]]:
+    """``(train files, validation files, trusted, untrusted)`` of ``config.data_dir``, every
+    check that can run before training done (indexes, label ranges, class lists)."""
     data_dir = config.data_dir
     if not data_dir:
         raise ValueError("--dataset=imagenet needs --data_dir (a folder of train-* and "
@@ -373,6 +376,34 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
     check_index_classes(files, eval_files, trusted)
     check_labels([f for f in files + eval_files if f in untrusted], config.num_classes,
                  config.label_offset, strict=config.strict_data)
+    return files, eval_files, trusted, untrusted
+
+
+def evaluation(config, eval_files, trusted, untrusted, rank, size, eval_batch_size, dtype,
+               skipped: tf.Variable, block: int) -> tf.data.Dataset:
+    """This rank's part of the validation shards (``file_assignment``), in central crops,
+    read ``block`` records at a time."""
+    check = (pipeline.jpeg_checked(skipped, config.strict_data)
+             if any(f in untrusted for f in eval_files) else None)
+    promised = [f for f in eval_files if f in trusted]
+    assignment = file_assignment(len(eval_files), rank, size)
+    positions, strides, offsets = (list(c) for c in zip(*assignment)) if assignment \
+        else ([], [], [])
+    mine = records(
+        tf.gather(tf.constant(eval_files), tf.constant(positions, tf.int64)), True,
+        strict=config.strict_data, skipped=skipped, sizes=size_table(eval_files),
+        strides=strides, offsets=offsets, block=block,
+        counts=path_table(promised, [trusted[f].records for f in promised]) if promised
+        else None)
+    return pipeline.eval_batches(mine, config, eval_batch_size, dtype,
+                                 parse=lambda r, p, i: (*parse(r, config.label_offset), p, i),
+                                 check=check)
+
+
+def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int,
+          dtype: tf.DType) -> pipeline.Datasets:
+    """This rank's train and eval datasets of the shards in ``config.data_dir``."""
+    files, eval_files, trusted, untrusted = open_shards(config, rank)
     examples = config.train_examples or (
         sum(trusted[f].records for f in files if f in trusted)
         + count_records([f for f in files if f in untrusted], config.strict_data))
@@ -383,11 +414,10 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
     batch, det = config.per_rank_batch_size(size), config.deterministic
     skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
     # a split whose shards were all validated by lars-convert skips the per-record check
-    check = {split: pipeline.jpeg_checked(skipped, config.strict_data)
-             if any(f in untrusted for f in names) else None
-             for split, names in (("train", files), ("validation", eval_files))}
-    sizes = size_table(files + eval_files)
-    promised = [f for f in files + eval_files if f in trusted]
+    check = pipeline.jpeg_checked(skipped, config.strict_data) \
+        if any(f in untrusted for f in files) else None
+    sizes = size_table(files)
+    promised = [f for f in files if f in trusted]
     counts = path_table(promised, [trusted[f].records for f in promised]) if promised else None
 
     def mine_of(paths, assignment, deterministic):
@@ -402,9 +432,6 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
         r, p, i = record
         return (*parse(r, config.label_offset), p, i,
                 tf.stack([tf.constant(seed, tf.int64), place]))
-
-    def parse_eval(r, p, i):
-        return (*parse(r, config.label_offset), p, i)
 
     # Every epoch, all ranks order the files alike (seeded by (seed, epoch)) and split them
     # with file_assignment, so each record is read by exactly one rank per epoch. Each rank
@@ -443,12 +470,67 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
 
     train = pipeline.train_batches(
         tf.data.Dataset.range(initial_epoch, 2 ** 62).flat_map(epoch), config, batch, dtype,
-        parse=parse_train, check=check["train"])
-    evaluation = pipeline.eval_batches(
-        mine_of(tf.constant(eval_files), file_assignment(len(eval_files), rank, size), True),
-        config, eval_batch_size, dtype, parse=parse_eval, check=check["validation"])
-    return pipeline.Datasets(train=train, eval=evaluation, steps_per_epoch=steps,
+        parse=parse_train, check=check)
+    return pipeline.Datasets(train=train, eval=evaluation(
+                                 config, eval_files, trusted, untrusted, rank, size,
+                                 eval_batch_size, dtype, skipped, block),
+                             steps_per_epoch=steps,
                              train_examples=examples, eval_examples=None,
+                             input_shape=(config.image_size, config.image_size, 3),
+                             num_classes=config.num_classes, skipped=skipped,
+                             uint8_pixels=config.normalize_on_device)
+
+
+@functools.lru_cache(maxsize=2)
+def _table(files: tuple[str, ...], promised: tuple[int, ...]) -> record_table.RecordTable:
+    return record_table.RecordTable(list(files), list(promised))  # walked once per process
+
+
+def build_elastic(config, rank: int, size: int, eval_batch_size: int, epoch: int,
+                  update: int, dtype: tf.DType) -> pipeline.Datasets:
+    """For ``--elastic``: this rank's slice of every global batch of an order of all the
+    training records that every rank shares (``lars_tf.data.elastic``), from update
+    ``update`` of epoch ``epoch`` on, read by position (``record_table``). A record's
+    crop and flip are seeded by ``(seed, epoch, record)``, so they do not depend on the
+    ranks either: 3 ranks read and augment what one process would."""
+    files, eval_files, trusted, untrusted = open_shards(config, rank)
+    for f in files:
+        if f in untrusted:
+            raise ValueError(
+                f"--elastic reads the training shards by record position and needs each one "
+                f"validated and indexed by lars-convert; {f} is not ({untrusted[f]}). "
+                "Convert the images with lars-convert (or drop --elastic)")
+    table = _table(tuple(files), tuple(trusted[f].records for f in files))
+    examples = len(table)
+    if 0 < config.train_examples < examples:
+        examples = config.train_examples  # the first records, in file order
+    steps = elastic.updates_per_epoch(examples, config.global_batch_size)
+    count = elastic.rank_slice(config.global_batch_size, rank, size)[1]
+    skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
+
+    def read(e, numbers):
+        serialized, path, index = table.records(numbers)
+        seeds = tf.stack([tf.fill(tf.shape(numbers), tf.constant(config.seed, tf.int64)),
+                          e * 2 ** 32 + numbers], axis=1)
+        return serialized, path, index, seeds
+
+    def parse_train(serialized, path, index, seed):
+        return (*parse(serialized, config.label_offset), path, index, seed)
+
+    records = (elastic.index_batches(examples, config.global_batch_size, config.seed, rank,
+                                     size, epoch, update, with_epoch=True)
+               .map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+               .unbatch())
+    # in order: a record that a parallel map let overtake another could cross into the
+    # next update, and a reset between the two would lose it
+    ordered = dataclasses.replace(config, deterministic=True)
+    train = pipeline.train_batches(records, ordered, count, dtype, parse=parse_train)
+    block = read_block(float(np.mean(table.lengths)) + 16 if len(table) else 1.0)
+    return pipeline.Datasets(train=train, eval=evaluation(
+                                 config, eval_files, trusted, untrusted, rank, size,
+                                 eval_batch_size, dtype, skipped, block),
+                             steps_per_epoch=steps, train_examples=examples,
+                             eval_examples=None,
                              input_shape=(config.image_size, config.image_size, 3),
                              num_classes=config.num_classes, skipped=skipped,
                              uint8_pixels=config.normalize_on_device)
