@@ -19,7 +19,7 @@ TRAIN_FLAGS ?= --model=small_cnn --dataset=fashion_mnist --global_batch_size=409
 	--epochs=30 --optimizer=lars --learning_rate=3.0 --warmup_epochs=3 \
 	--weight_decay=5e-4 --model_dir=runs/fashion_mnist_lars_4k
 
-.PHONY: setup train test test-fast test-legacy test-gpu-build study-quick lint bench clean
+.PHONY: setup train test test-fast test-legacy test-gpu-build study-quick lint docs bench clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -83,5 +83,9 @@ study-quick: setup
 lint: setup
 	ruff check lars_tf models benchmarks tests
 
+# The documentation site (docs/, mkdocs.yml) into site/; make test builds it too, --strict.
+docs: setup
+	mkdocs build --strict
+
 clean:
-	rm -rf .venv .venv-keras2 .venv-gpu runs .pytest_cache
+	rm -rf .venv .venv-keras2 .venv-gpu runs site .pytest_cache

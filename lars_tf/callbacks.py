@@ -31,6 +31,12 @@ from absl import logging
 from lars_tf import checkpoint, distributed, keras_compat
 from lars_tf.config import TrainConfig
 
+__all__ = ["BroadcastState", "AverageMetrics", "CheckReplicas", "AverageBatchNormStatistics",
+           "ExactEval", "StopOnNonFinite", "StopOnStuckLossScale", "GradientNoiseScale",
+           "Watchdog", "EpochTimer", "LearningRateLogger", "SkippedRecords", "TimeToAccuracy",
+           "EpochLog", "ReseedLayers", "LogEpoch", "LogFirstUpdate", "SaveCheckpoints",
+           "ReplicasDiverged"]
+
 
 class ReplicasDiverged(RuntimeError):
     """The ranks no longer hold the same weights (``--check_replicas_every``)."""

@@ -102,8 +102,8 @@ class DistributedOptimizer(keras_compat.DistributedOptimizerBase):
             ``mixed_float16`` as this optimizer is made (set the policy first, as for
             building the model) and ``optimizer`` does not scale the loss itself;
             ``"dynamic"``: always; ``"none"``: never.
-        initial_scale, dynamic_growth_steps: the loss scale ``S`` to start from, and how
-            many good updates in a row double it (Keras' ``LossScaleOptimizer``'s).
+        initial_scale: the loss scale ``S`` to start from (Keras' ``LossScaleOptimizer``'s).
+        dynamic_growth_steps: how many good updates in a row double it (Keras' too).
         noise_scale_every: ``N > 0``: measure the gradient noise scale on every N-th update
             (see ``noise_scale_stats``; 0, the default, measures nothing). It needs more
             than one gradient per update: 2+ ranks, or ``backward_passes_per_step > 1``.

