@@ -4,8 +4,8 @@ import os as _os
 import sys as _sys
 
 # oneDNN's CPU kernels. TensorFlow turns them on by itself only on CPUs with AVX-512 VNNI or
-# newer; on an AVX2 CPU they train about twice as fast (benchmarks/onednn.py; README, "oneDNN
-# on CPUs"). TensorFlow reads the variable when it loads, so lars_tf sets it only before
+# newer; on an AVX2 CPU they train about twice as fast (benchmarks/onednn.py; docs/clusters.md,
+# "oneDNN on CPUs"). TensorFlow reads the variable when it loads, so lars_tf sets it only before
 # that, and never over a value the user gave (TF_ENABLE_ONEDNN_OPTS=0 turns them off).
 if "tensorflow" not in _sys.modules:
     _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
@@ -13,6 +13,7 @@ if "tensorflow" not in _sys.modules:
 from lars_tf.config import TrainConfig  # noqa: E402
 from lars_tf.distributed_optimizer import DistributedOptimizer  # noqa: E402
 from lars_tf.optimizers import LARS  # noqa: E402
+from lars_tf.precision import minimize  # noqa: E402
 from lars_tf.schedules import WarmupPolynomialDecay, scale_learning_rate  # noqa: E402
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "WarmupPolynomialDecay",
     "build_optimizer",
     "init",
+    "minimize",
     "scale_learning_rate",
 ]
 __version__ = "0.1.0"

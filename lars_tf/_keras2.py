@@ -111,7 +111,7 @@ def set_loss_scale_state(lso, scale: float, good_steps: int) -> None:
 
 
 def minimize(optimizer, loss_fn: Callable[[], tf.Tensor], variables) -> tf.Tensor:
-    """``keras_compat.minimize`` on Keras 2, whose optimizers scale the loss (and
+    """``lars_tf.minimize`` on Keras 2, whose optimizers scale the loss (and
     Horovod's, all-reduce) in their own ``minimize``."""
     variables = list(variables)
     with tf.GradientTape() as tape:

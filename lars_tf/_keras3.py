@@ -106,7 +106,7 @@ def set_loss_scale_state(lso, scale: float, good_steps: int) -> None:
 
 
 def minimize(optimizer, loss_fn: Callable[[], tf.Tensor], variables) -> tf.Tensor:
-    """``keras_compat.minimize`` on Keras 3: the stack's ``scale_loss``, then
+    """``lars_tf.minimize`` on Keras 3: the stack's ``scale_loss``, then
     ``apply_gradients``."""
     variables = list(variables)
     with tf.GradientTape() as tape:

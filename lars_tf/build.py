@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from lars_tf import distributed, models
+from lars_tf import models, optimizer_builders
+from lars_tf import precision as precision_lib
 from lars_tf.config import TrainConfig
 from lars_tf.data import preprocessing
-from lars_tf.optimizers import DEFAULT_EXCLUDE, LARS
+from lars_tf.distributed_optimizer import DistributedOptimizer
 from lars_tf.schedules import WarmupPolynomialDecay
 
 
@@ -32,42 +33,63 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupPolynomia
 
 def build_local_optimizer(config: TrainConfig,
                           steps_per_epoch: int) -> tf.keras.optimizers.Optimizer:
-    """The single-process optimizer of ``config`` (no Horovod): LARS, or a baseline.
+    """The single-process optimizer of ``config`` (no Horovod): ``--optimizer``'s builder
+    (``lars_tf.optimizer_builders``: LARS, or a baseline) on the run's schedule."""
+    return optimizer_builders.build(config, build_schedule(config, steps_per_epoch))
 
-    ``--optimizer=sgd`` is momentum SGD with the same weight-decay rule and exclusions as
-    LARS, only without the trust ratio, so that the two differ in exactly one thing;
-    ``nesterov`` the same with Nesterov momentum. ``lamb`` is Keras 3's LAMB (Adam's
-    moments with a layer-wise trust ratio) with ``--momentum`` as its ``beta_1``, and
-    ``--weight_decay`` decoupled (Keras' rule), on the same variables as LARS' (biases and
-    normalisation parameters excluded). All take the same schedule.
+
+def wrap_optimizer(
+    optimizer: tf.keras.optimizers.Optimizer,
+    *,
+    precision: str = "fp32",
+    fp16_allreduce: bool = False,
+    backward_passes_per_step: int = 1,
+    gradient_predivide_factor: float = 1.0,
+    sparse_as_dense: bool | None = None,
+    noise_scale_every: int = 0,
+) -> tf.keras.optimizers.Optimizer:
+    """The distributed optimizer stack around a local optimizer (LARS), the same on both
+    stacks: one optimizer that all-reduces and, for mixed_float16, scales the loss around
+    the all-reduce (see ``lars_tf.distributed_optimizer``)::
+
+        lars_tf.DistributedOptimizer(       # all-reduce (mean) of the scaled gradients,
+            optimizer,                      # then unscale, skip on Inf/NaN
+            loss_scale="dynamic")           # only for mixed_float16
+
+    Gradients cross the wire scaled, which is what keeps small ones alive under
+    ``fp16_allreduce``, and the overflow check runs on the all-reduced gradients, so every
+    rank skips the same steps (see ``lars_tf.precision``). It is a loss-scale optimizer at
+    the top, so Keras' ``compile`` adds none of its own.
+
+    With ``backward_passes_per_step = k`` each rank accumulates ``k`` local gradients and
+    all-reduces their mean once; the loss scale then decides once per update, and
+    ``optimizer`` (its schedule) counts updates. ``gradient_predivide_factor`` divides
+    gradients by that factor before the sum and by ``size / factor`` after it (the same
+    mean, another rounding).
+
+    ``sparse_as_dense`` all-reduces sparse gradients (``tf.IndexedSlices``, from an
+    ``Embedding``) as dense tensors, as Horovod's option of that name. ``None`` (the
+    default) turns it on exactly when accumulation or a predivide factor is used, which
+    need dense tensors; otherwise sparse gradients are all-gathered, as Horovod does.
+    ``noise_scale_every``: measure the gradient noise scale on every N-th update (0: off).
     """
-    schedule = build_schedule(config, steps_per_epoch)
-    if config.optimizer == "lamb":
-        import keras
-
-        lamb = keras.optimizers.Lamb(learning_rate=schedule, beta_1=config.momentum,
-                                     epsilon=1e-6, weight_decay=config.weight_decay or None)
-        lamb.exclude_from_weight_decay(var_names=list(DEFAULT_EXCLUDE))
-        return lamb
-    kwargs = dict(
-        learning_rate=schedule,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        trust_coefficient=config.trust_coefficient,
-    )
-    if config.optimizer in ("sgd", "nesterov"):
-        return LARS(exclude_from_layer_adaptation=(".*",), nesterov=config.optimizer == "nesterov",
-                    name="NesterovSGD" if config.optimizer == "nesterov" else "SGD", **kwargs)
-    return LARS(**kwargs)
+    return DistributedOptimizer(
+        optimizer,
+        compression="fp16" if fp16_allreduce else "none",
+        backward_passes_per_step=backward_passes_per_step,
+        gradient_predivide_factor=gradient_predivide_factor,
+        sparse_as_dense=sparse_as_dense,
+        loss_scale="dynamic" if precision_lib.needs_loss_scaling(precision) else "none",
+        noise_scale_every=noise_scale_every)
 
 
 def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> tf.keras.optimizers.Optimizer:
     """The full stack for a Horovod run: LARS (or the SGD baseline) with the all-reduce
     and, for ``mixed_float16``, dynamic loss scaling around it (see
-    ``lars_tf.distributed.wrap_optimizer``). Call after ``lars_tf.init()``.
+    ``wrap_optimizer``). Call after ``lars_tf.init()``.
 
     ``steps_per_epoch`` counts backward passes per epoch on one rank."""
-    return distributed.wrap_optimizer(
+    return wrap_optimizer(
         build_local_optimizer(config, steps_per_epoch),
         precision=config.precision,
         fp16_allreduce=config.fp16_allreduce,

@@ -28,8 +28,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from lars_tf import checkpoint, distributed, keras_compat
-from lars_tf.config import TrainConfig
+from lars_tf import checkpoint, distributed, keras_compat, precision
 
 __all__ = ["BroadcastState", "AverageMetrics", "CheckReplicas", "AverageBatchNormStatistics",
            "ExactEval", "StopOnNonFinite", "StopOnStuckLossScale", "GradientNoiseScale",
@@ -220,7 +219,7 @@ class StopOnStuckLossScale(tf.keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if (batch + 1) % self.k:
             return  # not the end of an accumulation window: no update was decided
-        scale, good_steps = keras_compat.loss_scale_state(self.model.optimizer)
+        scale, good_steps = precision.loss_scale_state(self.model.optimizer)
         at_min = scale <= 1.0 and good_steps == 0
         self.skipped = self.skipped + 1 if at_min else 0
         if self.skipped >= self.limit:
@@ -356,15 +355,15 @@ class LearningRateLogger(tf.keras.callbacks.Callback):
     def __init__(self, optimizer):
         super().__init__()
         self.stack = optimizer
-        self.optimizer = keras_compat.innermost_optimizer(optimizer)
+        self.optimizer = precision.innermost_optimizer(optimizer)
 
     def on_epoch_end(self, epoch, logs=None):
         lr = self.optimizer._learning_rate
         if isinstance(lr, tf.keras.optimizers.schedules.LearningRateSchedule):
             lr = lr(self.optimizer.iterations - 1)
         logs["learning_rate"] = float(lr)
-        if keras_compat.find_loss_scale_optimizer(self.stack) is not None:
-            logs["loss_scale"] = keras_compat.loss_scale_state(self.stack)[0]
+        if precision.find_loss_scale_optimizer(self.stack) is not None:
+            logs["loss_scale"] = precision.loss_scale_state(self.stack)[0]
 
 
 class GradientNoiseScale(tf.keras.callbacks.Callback):
@@ -457,24 +456,28 @@ class LogFirstUpdate(tf.keras.callbacks.Callback):
 class SaveCheckpoints(tf.keras.callbacks.Callback):
     """Rank 0: an atomic checkpoint every N epochs and at the last epoch of this run."""
 
-    def __init__(self, config: TrainConfig, model, optimizer, history: list, tta,
-                 t_begin: float, end_epoch: int):
+    def __init__(self, model_dir: str, every: int, keep: int, model, optimizer, history: list,
+                 tta, t_begin: float, end_epoch: int):
+        """``model_dir``: where ``checkpoints/`` goes; a checkpoint every ``every`` epochs
+        and at ``end_epoch``, the newest ``keep`` kept; ``history`` (the per-epoch
+        figures), ``tta`` (a ``TimeToAccuracy``) and ``t_begin`` (the run's start, for the
+        elapsed time) go into each checkpoint's ``meta.json``."""
         super().__init__()
         # the Trainer's model: Keras' self.model is what fit runs, which with
         # --normalize_on_device wraps it
         self.saved_model = model
-        self.config, self.optimizer, self.history = config, optimizer, history
+        self.model_dir, self.every, self.keep = model_dir, every, keep
+        self.optimizer, self.history = optimizer, history
         self.tta, self.t_begin, self.end_epoch = tta, t_begin, end_epoch
 
     def on_epoch_end(self, epoch, logs=None):
         done = epoch + 1
-        if done % self.config.checkpoint_every and done != self.end_epoch:
+        if done % self.every and done != self.end_epoch:
             return
         meta = {"history": list(self.history),  # EpochLog has added this epoch
                 "elapsed_sec": time.time() - self.t_begin,
                 "time_to_accuracy": self.tta.result,
                 "step": int(self.optimizer.iterations.numpy())}
-        path = checkpoint.save(self.config.model_dir, done, self.saved_model, self.optimizer,
-                               meta,
-                               keep=self.config.keep_checkpoints)
+        path = checkpoint.save(self.model_dir, done, self.saved_model, self.optimizer, meta,
+                               keep=self.keep)
         logging.info("checkpoint %s", path)

@@ -22,8 +22,8 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_enum(
     "preset", None, list(PRESETS),
-    "Published hyperparameters for a model and global batch (README 'ResNet-50 on "
-    "ImageNet'): sets the model, dataset, batch, epochs and every optimizer and schedule "
+    "Published hyperparameters for a model and global batch (docs/data.md, 'ResNet-50 "
+    "on ImageNet'): sets the model, dataset, batch, epochs and every optimizer and schedule "
     "flag; a flag you give wins over the preset.")
 flags.DEFINE_string("model", _D.model, "Registered model name (lars_tf.models.names()).")
 flags.DEFINE_bool("zero_init_residual", _D.zero_init_residual,
@@ -178,7 +178,7 @@ def _train(argv):
 
 def run_with_exit_codes(config, fit) -> None:
     """Run ``fit()`` (a training run of ``config``), turning its failures into a logged
-    message and the exit codes of the README: 2 bad flags or files, 3 bad data, 4 NaN loss
+    message and the exit codes of docs/failures.md: 2 bad flags or files, 3 bad data, 4 NaN loss
     or diverged replicas, 5 another rank was lost (the watchdog exits with 6 itself)."""
     import tensorflow as tf
 

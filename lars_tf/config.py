@@ -6,13 +6,14 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from lars_tf import optimizer_builders
 from lars_tf.presets import preset
 from lars_tf.validation import check_number
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DATA_DIR_ENV = "LARS_TF_DATA_DIR"
 
-OPTIMIZERS = ("lars", "sgd", "nesterov", "lamb")
+OPTIMIZERS = optimizer_builders.names()  # the built-in ones (lars_tf.optimizer_builders)
 PRECISIONS = ("fp32", "mixed_float16", "mixed_bfloat16")
 
 
@@ -113,14 +114,7 @@ class TrainConfig:
                              "from JPEGs (it applies to imagenet and tfds:NAME)")
         if self.resume and not self.model_dir:
             raise ValueError("--resume needs --model_dir (where the checkpoints are)")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer={self.optimizer!r}: must be one of {OPTIMIZERS}")
-        if self.optimizer == "lamb":
-            import keras
-
-            if not hasattr(keras.optimizers, "Lamb"):
-                raise ValueError("--optimizer=lamb: Keras' Lamb comes with Keras 3; the legacy "
-                                 f"stack (Keras {keras.__version__}) has none")
+        optimizer_builders.check(self.optimizer)
         check_number("--learning_rate", self.learning_rate, lo=0.0, lo_open=True)
         check_number("--warmup_epochs", self.warmup_epochs, lo=0.0)
         check_number("--warmup_start_learning_rate", self.warmup_start_learning_rate, lo=0.0)
@@ -147,12 +141,13 @@ class TrainConfig:
         check_number("--noise_scale_every", self.noise_scale_every, lo=0, integer=True)
         check_number("--elastic_commit_every", self.elastic_commit_every, lo=1, integer=True)
         if self.elastic:
-            from lars_tf.data import ELASTIC_DATASETS
+            from lars_tf import data
 
-            if self.dataset not in ELASTIC_DATASETS:
+            if data.source(self.dataset).build_elastic is None:
                 raise ValueError(f"--elastic: --dataset={self.dataset} cannot yet be re-cut "
                                  "over a new number of ranks mid-epoch; --elastic takes "
-                                 f"{ELASTIC_DATASETS} (imagenet: shards from lars-convert)")
+                                 f"{data.names(elastic=True)} (imagenet: shards from "
+                                 "lars-convert)")
             if self.cache:
                 raise ValueError("--elastic with --cache: an elastic job reads each update's "
                                  "records by position, not a fixed share of the shards to "

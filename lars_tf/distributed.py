@@ -12,7 +12,6 @@ import tensorflow as tf
 from absl import logging
 
 from lars_tf import keras_compat
-from lars_tf import precision as precision_lib
 
 
 @dataclass(frozen=True)
@@ -83,8 +82,8 @@ def init(intra_op_threads: int | None = None, inter_op_threads: int | None = Non
         logging.warning(
             "TensorFlow's oneDNN CPU kernels are off: TensorFlow was imported before lars_tf, "
             "so lars_tf could not turn them on. Import lars_tf first, or set "
-            "TF_ENABLE_ONEDNN_OPTS=1 (about 2x faster CPU training on AVX2 CPUs; README, "
-            "\"oneDNN on CPUs\").")
+            "TF_ENABLE_ONEDNN_OPTS=1 (about 2x faster CPU training on AVX2 CPUs; "
+            "docs/clusters.md, \"oneDNN on CPUs\").")
     threads = intra_op_threads or threads_per_rank(world.local_size)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(
@@ -102,53 +101,6 @@ def reinit() -> World:
     hvd_tf.init()
     _WORLD = World(hvd_tf.rank(), hvd_tf.size(), hvd_tf.local_rank(), hvd_tf.local_size())
     return _WORLD
-
-
-def wrap_optimizer(
-    optimizer: tf.keras.optimizers.Optimizer,
-    *,
-    precision: str = "fp32",
-    fp16_allreduce: bool = False,
-    backward_passes_per_step: int = 1,
-    gradient_predivide_factor: float = 1.0,
-    sparse_as_dense: bool | None = None,
-    noise_scale_every: int = 0,
-) -> tf.keras.optimizers.Optimizer:
-    """The distributed optimizer stack around a local optimizer (LARS), the same on both
-    stacks: one optimizer that all-reduces and, for mixed_float16, scales the loss around
-    the all-reduce (see ``lars_tf.distributed_optimizer``)::
-
-        lars_tf.DistributedOptimizer(       # all-reduce (mean) of the scaled gradients,
-            optimizer,                      # then unscale, skip on Inf/NaN
-            loss_scale="dynamic")           # only for mixed_float16
-
-    Gradients cross the wire scaled, which is what keeps small ones alive under
-    ``fp16_allreduce``, and the overflow check runs on the all-reduced gradients, so every
-    rank skips the same steps (see ``lars_tf.precision``). It is a loss-scale optimizer at
-    the top, so Keras' ``compile`` adds none of its own.
-
-    With ``backward_passes_per_step = k`` each rank accumulates ``k`` local gradients and
-    all-reduces their mean once; the loss scale then decides once per update, and
-    ``optimizer`` (its schedule) counts updates. ``gradient_predivide_factor`` divides
-    gradients by that factor before the sum and by ``size / factor`` after it (the same
-    mean, another rounding).
-
-    ``sparse_as_dense`` all-reduces sparse gradients (``tf.IndexedSlices``, from an
-    ``Embedding``) as dense tensors, as Horovod's option of that name. ``None`` (the
-    default) turns it on exactly when accumulation or a predivide factor is used, which
-    need dense tensors; otherwise sparse gradients are all-gathered, as Horovod does.
-    ``noise_scale_every``: measure the gradient noise scale on every N-th update (0: off).
-    """
-    from lars_tf.distributed_optimizer import DistributedOptimizer
-
-    return DistributedOptimizer(
-        optimizer,
-        compression="fp16" if fp16_allreduce else "none",
-        backward_passes_per_step=backward_passes_per_step,
-        gradient_predivide_factor=gradient_predivide_factor,
-        sparse_as_dense=sparse_as_dense,
-        loss_scale="dynamic" if precision_lib.needs_loss_scaling(precision) else "none",
-        noise_scale_every=noise_scale_every)
 
 
 def needs_dense_gradients(backward_passes_per_step: int, gradient_predivide_factor: float,

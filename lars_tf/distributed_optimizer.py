@@ -33,7 +33,7 @@ import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops
 from tensorflow.python.ops import control_flow_util
 
-from lars_tf import keras_compat
+from lars_tf import keras_compat, precision
 
 # lars_tf.distributed (Horovod) is imported where the optimizer runs, not here: `import
 # lars_tf` registers this class for loading saved models without loading Horovod.
@@ -177,7 +177,7 @@ class DistributedOptimizer(keras_compat.DistributedOptimizerBase):
         if int(noise_scale_every) != noise_scale_every or noise_scale_every < 0:
             raise ValueError(f"--noise_scale_every={noise_scale_every}: must be an integer "
                              ">= 0 (0: off)")
-        inner_scales = keras_compat.find_loss_scale_optimizer(optimizer) is not None
+        inner_scales = precision.find_loss_scale_optimizer(optimizer) is not None
         if loss_scale == "dynamic" and inner_scales:
             raise ValueError(
                 "lars_tf.DistributedOptimizer(loss_scale='dynamic') around an optimizer that "

@@ -8,9 +8,14 @@ deleting ``_keras2.py`` and the branch below):
 - variables: ``variable_path``, ``variable_handle``, ``plain_variables``, ``is_variable``;
 - optimizers: ``OptimizerBase`` (what LARS is written on), ``DistributedOptimizerBase``
   (Keras' protocol for ``lars_tf.DistributedOptimizer``), ``loss_scale_optimizer``,
-  ``loss_scale_state``, ``set_loss_scale_state``, ``LOSS_SCALE_CLASSES``;
-- training: ``minimize`` (a custom loop's step), ``compile_options``, ``reseed_layers``,
-  ``global_policy_name``.
+  ``loss_scale_state``, ``set_loss_scale_state`` (of one loss-scale optimizer),
+  ``LOSS_SCALE_CLASSES``;
+- training: ``minimize`` (a custom loop's step: public as ``lars_tf.minimize``),
+  ``compile_options``, ``reseed_layers``, ``global_policy_name``.
+
+The public calls built on them (``minimize``, ``loss_scale_state``,
+``set_loss_scale_state``, ``find_loss_scale_optimizer``, ``innermost_optimizer``) are in
+``lars_tf.precision``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ else:
     from lars_tf import _keras2 as _stack
 
 KERAS3 = _stack.KERAS3
+loss_scale_state = _stack.loss_scale_state
+set_loss_scale_state = _stack.set_loss_scale_state
+minimize = _stack.minimize
 LOSS_SCALE_CLASSES = _stack.LOSS_SCALE_CLASSES
 DistributedOptimizerBase = _stack.DistributedOptimizerBase
 OptimizerBase = _stack.OptimizerBase
@@ -45,41 +53,3 @@ def register(cls):
     cls = tf.keras.utils.register_keras_serializable(package="lars_tf")(cls)
     tf.keras.utils.get_custom_objects().setdefault(cls.__name__, cls)
     return cls
-
-
-def find_loss_scale_optimizer(optimizer):
-    """The loss-scale optimizer in a stack of wrapped optimizers, or None."""
-    while optimizer is not None:
-        # lars_tf.DistributedOptimizer is a loss-scale optimizer that scales only under
-        # mixed_float16
-        if isinstance(optimizer, LOSS_SCALE_CLASSES) and getattr(optimizer, "scales_loss",
-                                                                 True):
-            return optimizer
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-    return None
-
-
-def loss_scale_state(optimizer) -> tuple[float, int]:
-    """(loss scale, good steps since it last changed) of the loss-scale optimizer in the
-    stack ``optimizer``."""
-    return _stack.loss_scale_state(find_loss_scale_optimizer(optimizer))
-
-
-def set_loss_scale_state(optimizer, scale: float, good_steps: int) -> None:
-    """Set the loss scale and its good-step counter (tests, and resuming by hand)."""
-    _stack.set_loss_scale_state(find_loss_scale_optimizer(optimizer), scale, good_steps)
-
-
-def minimize(optimizer, loss_fn, variables):
-    """One training step as ``model.fit`` takes it, for a custom loop: the loss of
-    ``loss_fn()``, scaled by a loss-scale optimizer in the stack, differentiated, and
-    handed to ``optimizer`` (which all-reduces, unscales and updates). Returns the loss."""
-    return _stack.minimize(optimizer, loss_fn, variables)
-
-
-def innermost_optimizer(optimizer):
-    """The optimizer that updates the weights, inside every wrapper (Horovod's, loss
-    scaling, lars_tf's DistributedOptimizer)."""
-    while getattr(optimizer, "inner_optimizer", None) is not None:
-        optimizer = optimizer.inner_optimizer
-    return optimizer

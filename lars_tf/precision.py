@@ -59,7 +59,45 @@ def wrap_loss_scale(
 ) -> tf.keras.optimizers.Optimizer:
     """``optimizer`` under Keras' dynamic loss scaling when ``precision`` needs it, else as
     is: for one process. With Horovod, ``lars_tf.DistributedOptimizer`` scales the loss
-    itself, around the all-reduce (``lars_tf.distributed.wrap_optimizer``)."""
+    itself, around the all-reduce (``lars_tf.build.wrap_optimizer``)."""
     if not needs_loss_scaling(precision):
         return optimizer
     return keras_compat.loss_scale_optimizer(optimizer, initial_scale, dynamic_growth_steps)
+
+
+def find_loss_scale_optimizer(optimizer):
+    """The loss-scale optimizer in a stack of wrapped optimizers, or None."""
+    while optimizer is not None:
+        # lars_tf.DistributedOptimizer is a loss-scale optimizer that scales only under
+        # mixed_float16
+        if isinstance(optimizer, keras_compat.LOSS_SCALE_CLASSES) \
+                and getattr(optimizer, "scales_loss", True):
+            return optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return None
+
+
+def loss_scale_state(optimizer) -> tuple[float, int]:
+    """(loss scale, good steps since it last changed) of the loss-scale optimizer in the
+    stack ``optimizer``."""
+    return keras_compat.loss_scale_state(find_loss_scale_optimizer(optimizer))
+
+
+def set_loss_scale_state(optimizer, scale: float, good_steps: int) -> None:
+    """Set the loss scale and its good-step counter (tests, and resuming by hand)."""
+    keras_compat.set_loss_scale_state(find_loss_scale_optimizer(optimizer), scale, good_steps)
+
+
+def minimize(optimizer, loss_fn, variables):
+    """One training step as ``model.fit`` takes it, for a custom loop: the loss of
+    ``loss_fn()``, scaled by a loss-scale optimizer in the stack, differentiated, and
+    handed to ``optimizer`` (which all-reduces, unscales and updates). Returns the loss."""
+    return keras_compat.minimize(optimizer, loss_fn, variables)
+
+
+def innermost_optimizer(optimizer):
+    """The optimizer that updates the weights, inside every wrapper (Horovod's, loss
+    scaling, lars_tf's DistributedOptimizer)."""
+    while getattr(optimizer, "inner_optimizer", None) is not None:
+        optimizer = optimizer.inner_optimizer
+    return optimizer

@@ -4,6 +4,7 @@ TensorBoard files, all written by rank 0 alone (``ChiefOutputs``; the other rank
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -19,18 +20,32 @@ from lars_tf import distributed, presets
 SUMMARY_FILE = "summary.json"
 
 
-def run_summary(trainer, datasets, wall: float, tta, start_epoch: int, end_epoch: int) -> dict:
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """What the run's outputs read of a training run (the trainer passes this, not itself):
+    its config, the Horovod world, the model, the per-epoch history (a list the callbacks
+    extend) and each rank's launch settings."""
+
+    config: object
+    world: object
+    model: object
+    history: list
+    rank_settings: list
+
+
+def run_summary(run: RunRecord, datasets, wall: float, tta, start_epoch: int,
+                end_epoch: int) -> dict:
     """What ``Trainer.fit`` returns and rank 0 writes to ``summary.json``: accuracy, time to
     accuracy, throughput, peak memory per rank, history, each rank's settings, config,
     versions. Every rank must call it (it all-reduces the peak memory)."""
-    config, world = trainer.config, trainer.world
+    config, world = run.config, run.world
     peak_mb = np.zeros(world.size)
     peak_mb[world.rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     peak_mb = distributed.allreduce_sum(peak_mb, name="lars_tf.peak_rss")
-    evals = [h for h in trainer.history if "test_accuracy" in h]
+    evals = [h for h in run.history if "test_accuracy" in h]
     # The first epoch of a process includes graph tracing: throughput is the mean of the
     # others when there are any.
-    timed = [h["images_per_sec"] for h in trainer.history if "images_per_sec" in h]
+    timed = [h["images_per_sec"] for h in run.history if "images_per_sec" in h]
     speeds = timed[1:] if len(timed) > 1 else timed
     return {
         "final_test_accuracy": evals[-1]["test_accuracy"] if evals else None,
@@ -50,8 +65,8 @@ def run_summary(trainer, datasets, wall: float, tta, start_epoch: int, end_epoch
         "precision": config.precision,
         "wall_time_sec": wall,
         "peak_rss_mb_per_rank": [round(float(x), 1) for x in peak_mb],
-        "history": trainer.history,
-        "ranks": trainer.rank_settings,
+        "history": run.history,
+        "ranks": run.rank_settings,
         "config": dict(vars(config)),
         "versions": distributed.versions(),
     }
@@ -101,10 +116,11 @@ class RunOutputs:
 
     progress_bar = False
 
-    def started(self, trainer, datasets, start_epoch: int, end_epoch: int) -> None:
+    def started(self, run: RunRecord, datasets, start_epoch: int, end_epoch: int) -> None:
         """Training is about to begin (every rank has the same state)."""
 
-    def callbacks(self, trainer, optimizer, tta, t_begin: float, end_epoch: int) -> list:
+    def callbacks(self, run: RunRecord, optimizer, tta, t_begin: float,
+                  end_epoch: int) -> list:
         """Keras callbacks that write or log during ``fit``."""
         return []
 
@@ -121,27 +137,28 @@ class ChiefOutputs(RunOutputs):
         self.progress_bar = bool(config.progress_bar)
         self._first_update: list = []  # LogFirstUpdate's, once per ChiefOutputs
 
-    def started(self, trainer, datasets, start_epoch, end_epoch):
-        config, world = self.config, trainer.world
-        log_rank_settings(trainer.rank_settings)
+    def started(self, run, datasets, start_epoch, end_epoch):
+        config, world = self.config, run.world
+        log_rank_settings(run.rank_settings)
         if config.preset:
             presets.log_preset(config)
         k = config.backward_passes_per_step
         logging.info(
             "training %s on %s: %d ranks x %d passes x %d = global batch %d, "
-            "%d updates/epoch, epochs %d-%d of %d, %s lr %.4g, %s", trainer.model.name,
+            "%d updates/epoch, epochs %d-%d of %d, %s lr %.4g, %s", run.model.name,
             config.dataset, world.size, k, config.per_rank_batch_size(world.size),
             config.global_batch_size, datasets.steps_per_epoch // k, start_epoch + 1,
             end_epoch, config.epochs, config.optimizer, config.learning_rate,
             config.precision)
 
-    def callbacks(self, trainer, optimizer, tta, t_begin, end_epoch):
+    def callbacks(self, run, optimizer, tta, t_begin, end_epoch):
         config = self.config
-        out = [cb.LogEpoch(trainer.history), cb.LogFirstUpdate(self._first_update)]
+        out = [cb.LogEpoch(run.history), cb.LogFirstUpdate(self._first_update)]
         if config.model_dir:
             if config.checkpoint_every:
-                out.append(cb.SaveCheckpoints(config, trainer.model, optimizer,
-                                              trainer.history, tta, t_begin, end_epoch))
+                out.append(cb.SaveCheckpoints(
+                    config.model_dir, config.checkpoint_every, config.keep_checkpoints,
+                    run.model, optimizer, run.history, tta, t_begin, end_epoch))
             out.append(tf.keras.callbacks.TensorBoard(
                 os.path.join(config.model_dir, "tensorboard"), update_freq="epoch",
                 profile_batch=0, write_graph=False))

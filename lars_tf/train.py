@@ -88,7 +88,7 @@ class Trainer:
         self.rank_settings = distributed.gather_object(distributed.rank_settings(),
                                                        name="lars_tf.rank_settings")
         end_epoch = config.stop_after_epoch or config.epochs
-        outputs.started(self, datasets, start_epoch, end_epoch)
+        outputs.started(self._record(), datasets, start_epoch, end_epoch)
 
         elapsed_before = float(meta.get("elapsed_sec", 0.0))
         tta = cb.TimeToAccuracy(config.target_accuracy, t_start - elapsed_before,
@@ -107,8 +107,9 @@ class Trainer:
                 callbacks=callbacks,
                 verbose=1 if outputs.progress_bar else 0,
             )
-        summary = summary_lib.run_summary(self, datasets, elapsed_before + time.time() - t_start,
-                                          tta, start_epoch, end_epoch)
+        summary = summary_lib.run_summary(self._record(), datasets,
+                                          elapsed_before + time.time() - t_start, tta,
+                                          start_epoch, end_epoch)
         outputs.finished(summary)
         return summary
 
@@ -188,7 +189,7 @@ class Trainer:
                 d = data_lib.build_elastic(config, world.rank, world.size, state.epoch,
                                            state.update, **kw)
                 if not started:
-                    self.outputs.started(self, d, state.epoch, end_epoch)
+                    self.outputs.started(self._record(), d, state.epoch, end_epoch)
                     started = True
                 steps = d.steps_per_epoch - state.update
                 callbacks = self._callbacks(
@@ -202,8 +203,9 @@ class Trainer:
                            steps_per_epoch=steps, shuffle=False, callbacks=callbacks,
                            verbose=1 if self.outputs.progress_bar else 0)
             # inside the run: a rank lost here is recovered from too
-            summary = summary_lib.run_summary(self, d, elapsed_before + time.time() - t_start,
-                                              tta, start_epoch, end_epoch)
+            summary = summary_lib.run_summary(self._record(), d,
+                                              elapsed_before + time.time() - t_start, tta,
+                                              start_epoch, end_epoch)
             summary["elastic_resets"] = state.resets
             return summary
 
@@ -240,9 +242,13 @@ class Trainer:
             cb.EpochLog(self.history),
             *(user or []),
             # a checkpoint holds what the user's callbacks did at the epoch's end
-            *self.outputs.callbacks(self, optimizer, tta, t_begin, end_epoch),
+            *self.outputs.callbacks(self._record(), optimizer, tta, t_begin, end_epoch),
             *last,
         ]
+
+    def _record(self) -> summary_lib.RunRecord:
+        return summary_lib.RunRecord(self.config, self.world, self.model, self.history,
+                                     self.rank_settings)
 
     def _find_checkpoint(self) -> tuple[int, str] | None:
         config = self.config

@@ -8,6 +8,8 @@ import pytest
 
 from lars_tf import keras_compat
 
+pytestmark = pytest.mark.legacy
+
 
 def test_an_optimizer_wrapped_by_horovods_keras_layer_is_refused():
     """Horovod's Keras 2 DistributedOptimizer around a Keras 3 optimizer builds without a
@@ -17,16 +19,16 @@ def test_an_optimizer_wrapped_by_horovods_keras_layer_is_refused():
     import keras
 
     import lars_tf
-    from lars_tf import distributed
+    from lars_tf import build
 
     wrapped = hvd.DistributedOptimizer(keras.optimizers.SGD(0.1))
     harm = "all-reduces no gradient" if keras_compat.KERAS3 else "all-reduced twice"
     with pytest.raises(ValueError, match=harm):
         lars_tf.DistributedOptimizer(wrapped)
     with pytest.raises(ValueError, match=harm):
-        distributed.wrap_optimizer(wrapped)
+        build.wrap_optimizer(wrapped)
     with pytest.raises(ValueError, match=harm):
-        distributed.wrap_optimizer(wrapped, precision="mixed_float16")
+        build.wrap_optimizer(wrapped, precision="mixed_float16")
 
 
 @pytest.mark.parametrize("kwargs, message", [

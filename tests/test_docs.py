@@ -12,6 +12,7 @@ mkdocs = pytest.importorskip("mkdocs", reason="the docs tools are installed on t
                              "stack only (make setup)")
 
 
+@pytest.mark.multiprocess
 def test_the_site_builds_strictly(tmp_path):
     proc = subprocess.run([str(BIN / "mkdocs"), "build", "--strict", "-d", str(tmp_path)],
                           cwd=REPO, env=job_env(NO_MKDOCS_2_WARNING="1"),
@@ -35,3 +36,39 @@ def test_the_flag_table_lists_every_flag_of_lars_train():
         documented |= set(re.findall(r"`--(\w+)`", row.split("|")[1]))
     assert documented == defined, (f"not in docs/lars-train.md: {defined - documented}; "
                                    f"not a flag: {documented - defined}")
+
+
+def _block(page: str, first_line: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "docs" / page).read_text(), re.S)
+    found = [b for b in blocks if b.startswith(first_line)]
+    assert len(found) == 1, f"docs/{page}: {len(found)} python blocks start {first_line!r}"
+    return found[0]
+
+
+def test_the_design_pages_new_source_and_optimizer_work_as_printed():
+    """docs/design.md's example data source and optimizer, each one module plus a
+    registration: ``--dataset=my_source`` builds 2 ranks' shards, ``--optimizer=adamw``
+    builds Keras' AdamW on the run's schedule."""
+    import types
+
+    from lars_tf import data, optimizer_builders
+    from lars_tf.build import build_local_optimizer
+    from lars_tf.config import TrainConfig
+
+    module = types.ModuleType("my_source")
+    exec(_block("design.md", "# lars_tf/data/my_source.py"), module.__dict__)
+    if "my_source" not in data.names():
+        data.register(module.SOURCE)
+    config = TrainConfig(dataset="my_source", global_batch_size=64)
+    shards = [data.build(config, rank, 2) for rank in range(2)]
+    assert {d.steps_per_epoch for d in shards} == {15}  # 1000 examples / 64
+    x, y = next(iter(shards[1].train))
+    assert x.shape == (32, 32, 32, 3) and y.shape == (32,)
+
+    if "adamw" not in optimizer_builders.names():
+        exec(_block("design.md", '@register("adamw")'),
+             {"register": optimizer_builders.register})
+    opt = build_local_optimizer(TrainConfig(optimizer="adamw", weight_decay=1e-3), 100)
+    assert type(opt).__name__ == "AdamW" and opt.weight_decay == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="--optimizer='adam2': must be one of"):
+        TrainConfig(optimizer="adam2")

@@ -1,8 +1,9 @@
 """Input pipelines: a source, sharded by rank, shuffled, batched and prefetched.
 
 One module per source (``fashion_mnist``, ``imagenet``, ``tfds_source``, ``synthetic``),
-each with its own ``build()``; the pieces they share in ``pipeline``; this module picks the
-source of ``config.dataset``.
+each with ``build(config, shard)`` and a ``SOURCE`` record (``lars_tf.data.source``),
+registered below; the pieces they share in ``pipeline``. ``build`` picks the source of
+``config.dataset``.
 """
 
 from __future__ import annotations
@@ -12,28 +13,64 @@ import os
 
 import tensorflow as tf
 
-from lars_tf.data import elastic, fashion_mnist, imagenet, synthetic, tfds_source
+from lars_tf.data import fashion_mnist, imagenet, synthetic, tfds_source
 from lars_tf.data.pipeline import Datasets, compute_dtype, options, rank_seed
+from lars_tf.data.source import Shard, Source
 
-__all__ = ["DATASETS", "Datasets", "build", "build_elastic", "check_name", "options", "prepare",
-           "rank_seed"]
+__all__ = ["DATASETS", "Datasets", "Shard", "Source", "build", "build_elastic", "check_name",
+           "names", "options", "prepare", "rank_seed", "register", "source"]
 
-DATASETS = ("fashion_mnist", "imagenet", "synthetic", "tfds:NAME")
-# the sources build_elastic can re-cut (imagenet: shards indexed by lars-convert)
-ELASTIC_DATASETS = ("fashion_mnist", "imagenet", "synthetic")
+_SOURCES: dict[str, Source] = {}
+
+
+def register(new: Source) -> Source:
+    """Make ``new`` a ``--dataset`` (before the config that names it is made)."""
+    if new.name in _SOURCES:
+        raise ValueError(f"a data source named {new.name!r} is already registered")
+    _SOURCES[new.name] = new
+    return new
+
+
+# The registration line: a new source is a module with a SOURCE, named here.
+for _module in (fashion_mnist, imagenet, synthetic, tfds_source):
+    register(_module.SOURCE)
+
+
+def names(elastic: bool = False) -> tuple[str, ...]:
+    """``--dataset`` values (``tfds:NAME`` for a prefix); with ``elastic``, those an
+    elastic job can read."""
+    return tuple(s.label for s in _SOURCES.values() if not elastic or s.build_elastic)
+
+
+DATASETS = names()
+ELASTIC_DATASETS = names(elastic=True)
+
+
+def source(dataset: str) -> Source:
+    """The source ``--dataset=dataset`` names; a ``ValueError`` naming the flag if none."""
+    for s in _SOURCES.values():
+        if s.matches(dataset):
+            return s
+    raise ValueError(f"--dataset={dataset!r}: must be one of {names()}")
 
 
 def check_name(dataset: str) -> None:
-    if dataset not in DATASETS[:-1] and not (
-            dataset.startswith(tfds_source.PREFIX) and len(dataset) > len(tfds_source.PREFIX)):
-        raise ValueError(f"--dataset={dataset!r}: must be one of {DATASETS}")
+    source(dataset)
 
 
 def prepare(config) -> None:
     """One-time preparation before any rank reads (tfds datasets from --manual_dir); run it
     on one rank."""
-    if config.dataset.startswith(tfds_source.PREFIX):
-        tfds_source.prepare(config)
+    s = source(config.dataset)
+    if s.prepare is not None:
+        s.prepare(config)
+
+
+def _with_options(d: Datasets, threads: int | None, deterministic: bool) -> Datasets:
+    opts = options(threads or len(os.sched_getaffinity(0)), deterministic)
+    return dataclasses.replace(
+        d, train=d.train.with_options(opts),
+        eval=d.eval.with_options(options(threads or 1, True)) if d.eval is not None else None)
 
 
 def build(config, rank: int, size: int, eval_batch_size: int = 1000,
@@ -51,20 +88,10 @@ def build(config, rank: int, size: int, eval_batch_size: int = 1000,
     stays float32.
     """
     dtype = tf.as_dtype(dtype) if dtype is not None else compute_dtype()
-    if config.dataset == "fashion_mnist":
-        d = fashion_mnist.build(config, rank, size, eval_batch_size, initial_epoch)
-    elif config.dataset == "imagenet":
-        d = imagenet.build(config, rank, size, eval_batch_size, initial_epoch, dtype)
-    elif config.dataset == "synthetic":
-        d = synthetic.build(config, size, dtype)
-    elif config.dataset.startswith(tfds_source.PREFIX):
-        d = tfds_source.build(config, rank, size, eval_batch_size, dtype)
-    else:
-        raise ValueError(f"--dataset={config.dataset!r}: must be one of {DATASETS}")
-    opts = options(threads or len(os.sched_getaffinity(0)), config.deterministic)
-    return dataclasses.replace(
-        d, train=d.train.with_options(opts),
-        eval=d.eval.with_options(options(threads or 1, True)) if d.eval is not None else None)
+    shard = Shard(rank=rank, size=size, initial_epoch=initial_epoch,
+                  eval_batch_size=eval_batch_size, dtype=dtype)
+    return _with_options(source(config.dataset).build(config, shard), threads,
+                         config.deterministic)
 
 
 def build_elastic(config, rank: int, size: int, epoch: int, update: int,
@@ -75,18 +102,11 @@ def build_elastic(config, rank: int, size: int, epoch: int, update: int,
     order per epoch shared by every rank, each rank reading its slice of every global
     batch). Sources: ``ELASTIC_DATASETS``."""
     dtype = tf.as_dtype(dtype) if dtype is not None else compute_dtype()
-    if config.dataset == "fashion_mnist":
-        d = fashion_mnist.build_elastic(config, rank, size, eval_batch_size, epoch, update)
-    elif config.dataset == "imagenet":
-        d = imagenet.build_elastic(config, rank, size, eval_batch_size, epoch, update, dtype)
-    elif config.dataset == "synthetic":
-        d = synthetic.build(config, size, dtype,
-                            batch=elastic.rank_slice(config.global_batch_size, rank, size)[1])
-    else:
+    s = source(config.dataset)
+    if s.build_elastic is None:
         raise ValueError(f"--dataset={config.dataset!r} with --elastic: the sources whose "
                          f"epochs can be re-cut over a new number of ranks are "
-                         f"{ELASTIC_DATASETS}")
-    opts = options(threads or len(os.sched_getaffinity(0)), True)
-    return dataclasses.replace(
-        d, train=d.train.with_options(opts),
-        eval=d.eval.with_options(options(threads or 1, True)) if d.eval is not None else None)
+                         f"{names(elastic=True)}")
+    shard = Shard(rank=rank, size=size, initial_epoch=epoch, update=update,
+                  eval_batch_size=eval_batch_size, dtype=dtype)
+    return _with_options(s.build_elastic(config, shard), threads, True)

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from lars_tf.data import elastic
 from lars_tf.data.pipeline import Datasets, epoch_permutations, steps_per_epoch
+from lars_tf.data.source import Shard, Source
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -81,9 +82,10 @@ def normalize(images: tf.Tensor) -> tf.Tensor:
     return (tf.cast(images, tf.float32) / 255.0 - MEAN) / STD
 
 
-def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int) -> Datasets:
+def build(config, shard: Shard) -> Datasets:
     """Example-level shards of the idx files in ``config.resolved_data_dir()``; each
     epoch's order is a pure function of (seed, rank, epoch)."""
+    rank, size = shard.rank, shard.size
     data_dir = config.resolved_data_dir()
     batch = config.per_rank_batch_size(size)
     images, labels = load(data_dir, "train")
@@ -103,7 +105,7 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
     # Shuffle indices, not images: a seeded permutation per epoch, cut into `steps` batches,
     # then one vectorised gather + normalise per batch.
     train = (
-        epoch_permutations(n, config.seed, rank, initial_epoch)
+        epoch_permutations(n, config.seed, rank, shard.initial_epoch)
         .flat_map(lambda perm: tf.data.Dataset.from_tensor_slices(
             tf.reshape(perm[: steps * batch], [steps, batch])))
         # in order: out of order, a batch of the next epoch could overtake one of this
@@ -112,14 +114,13 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
     )
-    return _datasets(train, test_images, test_labels, rank, size, eval_batch_size, steps,
-                     len(labels))
+    return _datasets(train, test_images, test_labels, shard, steps, len(labels))
 
 
-def build_elastic(config, rank: int, size: int, eval_batch_size: int, epoch: int,
-                  update: int) -> Datasets:
+def build_elastic(config, shard: Shard) -> Datasets:
     """For ``--elastic``: each rank's slice of every global batch of an order that every
-    rank shares (``lars_tf.data.elastic``), from update ``update`` of epoch ``epoch`` on."""
+    rank shares (``lars_tf.data.elastic``), from update ``shard.update`` of epoch
+    ``shard.initial_epoch`` on."""
     # built again at every epoch and reset: the files are read once per process
     images, labels = _load_once(config.resolved_data_dir(), "train")
     test_images, test_labels = _load_once(config.resolved_data_dir(), "test")
@@ -128,14 +129,13 @@ def build_elastic(config, rank: int, size: int, eval_batch_size: int, epoch: int
     steps = elastic.updates_per_epoch(len(labels), config.global_batch_size)
     x, y = tf.constant(images), tf.constant(labels)
     train = (
-        elastic.index_batches(len(labels), config.global_batch_size, config.seed, rank, size,
-                              epoch, update)
+        elastic.index_batches(len(labels), config.global_batch_size, config.seed, shard.rank,
+                              shard.size, shard.initial_epoch, shard.update)
         .map(lambda idx: (normalize(tf.gather(x, idx)), tf.gather(y, idx)),
              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
     )
-    return _datasets(train, test_images, test_labels, rank, size, eval_batch_size, steps,
-                     len(labels))
+    return _datasets(train, test_images, test_labels, shard, steps, len(labels))
 
 
 @functools.lru_cache(maxsize=2)
@@ -145,12 +145,11 @@ def _load_once(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _datasets(train, test_images, test_labels, rank, size, eval_batch_size, steps,
-              train_examples) -> Datasets:
-    eval_x, eval_y = test_images[rank::size], test_labels[rank::size]
+def _datasets(train, test_images, test_labels, shard: Shard, steps, train_examples) -> Datasets:
+    eval_x, eval_y = test_images[shard.rank::shard.size], test_labels[shard.rank::shard.size]
     evaluation = (
         tf.data.Dataset.from_tensor_slices((eval_x, eval_y))
-        .batch(eval_batch_size)
+        .batch(shard.eval_batch_size)
         .map(lambda x, y: (normalize(x), y), num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
@@ -163,3 +162,6 @@ def _datasets(train, test_images, test_labels, rank, size, eval_batch_size, step
         input_shape=IMAGE_SHAPE,
         num_classes=NUM_CLASSES,
     )
+
+
+SOURCE = Source("fashion_mnist", build, build_elastic=build_elastic)

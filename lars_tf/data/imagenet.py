@@ -20,6 +20,7 @@ import tensorflow as tf
 from absl import logging
 
 from lars_tf.data import elastic, pipeline, record_table, shard_index
+from lars_tf.data.source import Shard, Source
 
 SPLIT_PATTERNS = {"train": "train-*-of-*", "validation": "validation-*-of-*"}
 _NOT_SHARDS = (".tmp", shard_index.SUFFIX)
@@ -400,9 +401,9 @@ def evaluation(config, eval_files, trusted, untrusted, rank, size, eval_batch_si
                                  check=check)
 
 
-def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int,
-          dtype: tf.DType) -> pipeline.Datasets:
+def build(config, shard: Shard) -> pipeline.Datasets:
     """This rank's train and eval datasets of the shards in ``config.data_dir``."""
+    rank, size, dtype = shard.rank, shard.size, shard.dtype
     files, eval_files, trusted, untrusted = open_shards(config, rank)
     examples = config.train_examples or (
         sum(trusted[f].records for f in files if f in trusted)
@@ -469,11 +470,12 @@ def build(config, rank: int, size: int, eval_batch_size: int, initial_epoch: int
         return pipeline.numbered(records.repeat().take(steps * batch), start=e * 2 ** 32)
 
     train = pipeline.train_batches(
-        tf.data.Dataset.range(initial_epoch, 2 ** 62).flat_map(epoch), config, batch, dtype,
+        tf.data.Dataset.range(shard.initial_epoch, 2 ** 62).flat_map(epoch), config, batch,
+        dtype,
         parse=parse_train, check=check)
     return pipeline.Datasets(train=train, eval=evaluation(
                                  config, eval_files, trusted, untrusted, rank, size,
-                                 eval_batch_size, dtype, skipped, block),
+                                 shard.eval_batch_size, dtype, skipped, block),
                              steps_per_epoch=steps,
                              train_examples=examples, eval_examples=None,
                              input_shape=(config.image_size, config.image_size, 3),
@@ -486,13 +488,14 @@ def _table(files: tuple[str, ...], promised: tuple[int, ...]) -> record_table.Re
     return record_table.RecordTable(list(files), list(promised))  # walked once per process
 
 
-def build_elastic(config, rank: int, size: int, eval_batch_size: int, epoch: int,
-                  update: int, dtype: tf.DType) -> pipeline.Datasets:
+def build_elastic(config, shard: Shard) -> pipeline.Datasets:
     """For ``--elastic``: this rank's slice of every global batch of an order of all the
     training records that every rank shares (``lars_tf.data.elastic``), from update
-    ``update`` of epoch ``epoch`` on, read by position (``record_table``). A record's
-    crop and flip are seeded by ``(seed, epoch, record)``, so they do not depend on the
-    ranks either: 3 ranks read and augment what one process would."""
+    ``shard.update`` of epoch ``shard.initial_epoch`` on, read by position
+    (``record_table``). A record's crop and flip are seeded by ``(seed, epoch, record)``,
+    so they do not depend on the ranks either: 3 ranks read and augment what one process
+    would."""
+    rank, size, dtype = shard.rank, shard.size, shard.dtype
     files, eval_files, trusted, untrusted = open_shards(config, rank)
     for f in files:
         if f in untrusted:
@@ -518,7 +521,8 @@ def build_elastic(config, rank: int, size: int, eval_batch_size: int, epoch: int
         return (*parse(serialized, config.label_offset), path, index, seed)
 
     records = (elastic.index_batches(examples, config.global_batch_size, config.seed, rank,
-                                     size, epoch, update, with_epoch=True)
+                                     size, shard.initial_epoch, shard.update,
+                                     with_epoch=True)
                .map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                .unbatch())
     # in order: a record that a parallel map let overtake another could cross into the
@@ -528,9 +532,12 @@ def build_elastic(config, rank: int, size: int, eval_batch_size: int, epoch: int
     block = read_block(float(np.mean(table.lengths)) + 16 if len(table) else 1.0)
     return pipeline.Datasets(train=train, eval=evaluation(
                                  config, eval_files, trusted, untrusted, rank, size,
-                                 eval_batch_size, dtype, skipped, block),
+                                 shard.eval_batch_size, dtype, skipped, block),
                              steps_per_epoch=steps, train_examples=examples,
                              eval_examples=None,
                              input_shape=(config.image_size, config.image_size, 3),
                              num_classes=config.num_classes, skipped=skipped,
                              uint8_pixels=config.normalize_on_device)
+
+
+SOURCE = Source("imagenet", build, build_elastic=build_elastic)

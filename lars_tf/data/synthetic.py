@@ -6,13 +6,15 @@ import tensorflow as tf
 
 from lars_tf.data import elastic
 from lars_tf.data.pipeline import Datasets, steps_per_epoch
+from lars_tf.data.source import Shard, Source
 
 
-def build(config, size: int, dtype: tf.DType, batch: int | None = None) -> Datasets:
+def build(config, shard: Shard) -> Datasets:
     """Random images of the model's input shape, made once and repeated: input costs
-    nothing, so throughput measures the model and the all-reduce alone. ``batch``: this
-    rank's (default: an even split of the global batch)."""
-    batch = batch or config.per_rank_batch_size(size)
+    nothing, so throughput measures the model and the all-reduce alone. Each rank's batch
+    is its share of the global batch (for ``--elastic``, its slice of it)."""
+    size, dtype = shard.size, shard.dtype
+    batch = config.per_rank_batch_size(size, shard.rank)
     shape = (config.image_size, config.image_size, 3)
     images = tf.random.uniform((batch, *shape), dtype=tf.float32, seed=config.seed)
     labels = tf.random.uniform((batch,), maxval=config.num_classes, dtype=tf.int32,
@@ -25,3 +27,6 @@ def build(config, size: int, dtype: tf.DType, batch: int | None = None) -> Datas
     return Datasets(train=train, eval=None, steps_per_epoch=steps,
                     train_examples=examples, eval_examples=0, input_shape=shape,
                     num_classes=config.num_classes)
+
+
+SOURCE = Source("synthetic", build, build_elastic=build)  # every batch alike: any split

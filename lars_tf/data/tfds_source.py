@@ -11,6 +11,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from lars_tf.data import pipeline
+from lars_tf.data.source import Shard, Source
 
 PREFIX = "tfds:"
 
@@ -87,8 +88,9 @@ def records(config, split: str, rank: int, size: int, training: bool) -> tf.data
                        tf.zeros([1, 0, 4], tf.float32), origin, i))
 
 
-def build(config, rank: int, size: int, eval_batch_size: int, dtype: tf.DType) -> pipeline.Datasets:
+def build(config, shard: Shard) -> pipeline.Datasets:
     """Example-level shards (tfds.even_splits): every example on exactly one rank."""
+    rank, size, dtype = shard.rank, shard.size, shard.dtype
     builder = get_builder(config)
     _, _, num_classes = info(config, builder)
     splits = builder.info.splits
@@ -106,7 +108,8 @@ def build(config, rank: int, size: int, eval_batch_size: int, dtype: tf.DType) -
     evaluation = None
     if eval_split in splits:
         evaluation = pipeline.eval_batches(
-            records(config, eval_split, rank, size, training=False), config, eval_batch_size,
+            records(config, eval_split, rank, size, training=False), config,
+            shard.eval_batch_size,
             dtype, check=check)
     train = pipeline.train_batches(train, config, config.per_rank_batch_size(size), dtype,
                                    check=check)
@@ -115,3 +118,6 @@ def build(config, rank: int, size: int, eval_batch_size: int, dtype: tf.DType) -
                              input_shape=(config.image_size, config.image_size, 3),
                              num_classes=num_classes, skipped=skipped,
                              uint8_pixels=config.normalize_on_device)
+
+
+SOURCE = Source(PREFIX, build, prepare=prepare, prefix=True)

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 import lars_tf
-from lars_tf import LARS, WarmupPolynomialDecay, distributed, keras_compat, models
+from lars_tf import LARS, WarmupPolynomialDecay, build, distributed, keras_compat, models
 from lars_tf import precision as precision_lib
 from lars_tf.config import TrainConfig
 from lars_tf.data import fashion_mnist
@@ -50,7 +50,7 @@ local = {
     "sgd": lambda: tf.keras.optimizers.SGD(learning_rate=schedule, momentum=0.9),
     "adam": lambda: tf.keras.optimizers.Adam(learning_rate=1e-2),
 }[options.get("optimizer", "lars")]()
-optimizer = distributed.wrap_optimizer(
+optimizer = build.wrap_optimizer(
     local, backward_passes_per_step=passes, precision=precision,
     gradient_predivide_factor=float(options.get("predivide", 1.0)),
     fp16_allreduce=options.get("fp16_allreduce") == "1")
@@ -64,5 +64,5 @@ assert int(optimizer.iterations.numpy()) == UPDATES * passes
 np.savez(f"{out_dir}/rank{world.rank}.npz",
          **{f"w{i}": w for i, w in enumerate(model.get_weights())},
          **{f"init{i}": w for i, w in enumerate(initial)},
-         loss_scale=(keras_compat.loss_scale_state(optimizer)[0]
-                     if keras_compat.find_loss_scale_optimizer(optimizer) else 0.0))
+         loss_scale=(precision_lib.loss_scale_state(optimizer)[0]
+                     if precision_lib.find_loss_scale_optimizer(optimizer) else 0.0))

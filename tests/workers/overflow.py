@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 import lars_tf
-from lars_tf import LARS, distributed, keras_compat, models, precision
+from lars_tf import LARS, build, distributed, models, precision
 from lars_tf.config import TrainConfig
 from lars_tf.data import fashion_mnist
 
@@ -26,17 +26,17 @@ images, labels = fashion_mnist.load(TrainConfig().resolved_data_dir(), "test")
 batch = 64
 tf.keras.utils.set_random_seed(11)
 model = models.get("mlp", (28, 28, 1), 10)
-optimizer = distributed.wrap_optimizer(
+optimizer = build.wrap_optimizer(
     LARS(learning_rate=1.0, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.01),
     precision="mixed_float16", fp16_allreduce=fp16_allreduce, backward_passes_per_step=passes)
-assert keras_compat.find_loss_scale_optimizer(optimizer) is not None
+assert precision.find_loss_scale_optimizer(optimizer) is not None
 distributed.broadcast_state(model, optimizer)
 loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 @tf.function
 def train_pass(x, y, poison):
-    keras_compat.minimize(optimizer, lambda: loss_fn(y, model(x, training=True)) * poison,
+    precision.minimize(optimizer, lambda: loss_fn(y, model(x, training=True)) * poison,
                           model.trainable_variables)
 
 
@@ -46,11 +46,11 @@ for p in range(4 * passes):
     x = (images[lo: lo + batch] / 255.0).astype(np.float32)
     poison = float("inf") if (world.rank == 1 and p == bad_pass) else 1.0
     train_pass(x, labels[lo: lo + batch], tf.constant(poison))
-    record[f"scale{p}"] = np.float64(keras_compat.loss_scale_state(optimizer)[0])
+    record[f"scale{p}"] = np.float64(precision.loss_scale_state(optimizer)[0])
     for i, w in enumerate(model.trainable_variables):
         record[f"p{p}_w{i}"] = w.numpy()
 record["passes"] = 4 * passes
 record["iterations"] = int(optimizer.iterations.numpy())
 # the optimizer that updates (LARS): its step counter drives the schedule
-record["lars_iterations"] = int(keras_compat.innermost_optimizer(optimizer).iterations.numpy())
+record["lars_iterations"] = int(precision.innermost_optimizer(optimizer).iterations.numpy())
 np.savez(f"{out_dir}/rank{world.rank}.npz", **record)

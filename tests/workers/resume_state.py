@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 import lars_tf
-from lars_tf import keras_compat
+from lars_tf import precision as precision_lib
 from lars_tf.data import fashion_mnist
 
 model_dir, phase, precision, k = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -28,9 +28,9 @@ config = lars_tf.TrainConfig(
 
 class SetLossScale(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
-        if keras_compat.find_loss_scale_optimizer(self.model.optimizer):
+        if precision_lib.find_loss_scale_optimizer(self.model.optimizer):
             # on every rank alike, before rank 0's checkpoint
-            keras_compat.set_loss_scale_state(self.model.optimizer, 1024.0, 7)
+            precision_lib.set_loss_scale_state(self.model.optimizer, 1024.0, 7)
 
 
 class DumpState(tf.keras.callbacks.Callback):

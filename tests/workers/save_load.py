@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 import lars_tf
-from lars_tf import keras_compat
+from lars_tf import keras_compat, precision
 
 if sys.argv[1] == "save":
     out = sys.argv[2]
@@ -39,7 +39,7 @@ if sys.argv[1] == "save":
 else:  # a fresh process: only `import lars_tf`, no custom_objects
     for path in sys.argv[2:]:
         model = tf.keras.models.load_model(path)
-        opt = keras_compat.innermost_optimizer(model.optimizer)
+        opt = precision.innermost_optimizer(model.optimizer)
         assert type(opt).__name__ == "LARS", (path, type(opt))
         assert isinstance(opt._learning_rate, lars_tf.WarmupPolynomialDecay), opt._learning_rate
         assert opt.get_config()["momentum"] == 0.8, opt.get_config()
