@@ -14,7 +14,7 @@ NP ?= 2
 export PATH := $(abspath $(BIN)):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 
-# The README's recipe: LARS at global batch 4096 on Fashion-MNIST, 2 ranks on one machine.
+# The recipe of the README's make train: LARS at global batch 4096 on Fashion-MNIST, 2 ranks on one machine.
 TRAIN_FLAGS ?= --model=small_cnn --dataset=fashion_mnist --global_batch_size=4096 \
 	--epochs=30 --optimizer=lars --learning_rate=3.0 --warmup_epochs=3 \
 	--weight_decay=5e-4 --model_dir=runs/fashion_mnist_lars_4k
@@ -30,20 +30,16 @@ train: setup
 test: setup
 	python -m pytest tests
 
-# The inner loop: every test that starts no other process (no Horovod job), in about 2 minutes.
+# The inner loop: every test that starts no other process (no Horovod job).
 test-fast: setup
 	python -m pytest tests -m "not multiprocess"
 
-# What CI runs on the legacy stack (LARS_TF_STACK=keras2 make test-legacy): LARS against
-# NumPy, lars_tf.DistributedOptimizer (its refusals, plain compile/fit on 2 ranks), the
-# composition and equivalence jobs, 2-rank trainer runs, exact resume, and elastic
-# training's local tests (3 ranks of unequal slices, Horovod started again).
-LEGACY_TESTS := tests/test_lars.py tests/test_schedules.py tests/test_composition.py \
-	tests/test_distributed_optimizer.py tests/test_keras_api.py tests/test_elastic.py \
-	tests/test_distributed_training.py \
-	tests/test_trainer.py::test_resume_equals_an_uninterrupted_run
+# What CI runs on the legacy stack (LARS_TF_STACK=keras2 make test-legacy): the tests marked
+# legacy: LARS against NumPy, lars_tf.DistributedOptimizer (its refusals, plain
+# compile/fit on 2 ranks), the composition and equivalence jobs, 2-rank trainer runs, exact
+# resume, and elastic training's local tests.
 test-legacy: setup
-	python -m pytest $(LEGACY_TESTS)
+	python -m pytest tests -m legacy
 
 # The GPU build proved as far as a machine without a GPU allows (CI runs it): Horovod with
 # NCCL against TensorFlow 2.20 in .venv-gpu (LARS_TF_GPU=1 set-up), then tools/gpu_check.sh

@@ -1,10 +1,18 @@
-"""pytest set-up: marks the tests that start other processes. The job helpers themselves
-(run_job, launcher, job_env, rank_pids, ...) are in ``lars_tf.testing``, shared with the
-benchmarks."""
+"""pytest set-up: the markers' meaning (declared in pytest.ini, ``--strict-markers``), and a
+guard that keeps the ``multiprocess`` marker true. The job helpers themselves (run_job,
+launcher, job_env, rank_pids, ...) are in ``lars_tf.testing``, shared with the benchmarks.
 
-import inspect
+- ``multiprocess``: the test (or a fixture it uses) starts another process. A test without
+  the marker that starts one fails, naming the command: ``make test-fast``
+  (``-m "not multiprocess"``) stays in-process.
+- ``cluster``: needs the hosts of ``tools/cluster.sh``; skipped unless root.
+- ``keras3_only``: skipped on the legacy stack.
+- ``legacy``: in the legacy stack's CI subset (``make test-legacy``: ``-m legacy``).
+"""
+
+import contextlib
 import os
-import sys
+import subprocess
 
 import pytest
 
@@ -13,40 +21,51 @@ import pytest
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
-# What starts another process: a Horovod job, lars-train, lars-convert or a worker script.
-_STARTS_A_PROCESS = ("run_job(", "start_job(", "subprocess.", "_cli(", "_train(", "start(")
-
-
-def _starts_a_process(function, seen: set) -> bool:
-    """Whether ``function``, or a function of its own module that it calls, starts a
-    process (read from their source)."""
-    if function in seen:
-        return False
-    seen.add(function)
-    try:
-        source = inspect.getsource(function)
-    except (OSError, TypeError):
-        return False
-    if any(s in source for s in _STARTS_A_PROCESS):
-        return True
-    module = sys.modules.get(function.__module__)
-    callees = (getattr(module, name, None) for name in function.__code__.co_names)
-    return any(inspect.isfunction(f) and f.__module__ == function.__module__
-               and _starts_a_process(f, seen) for f in callees)
-
-
 def pytest_collection_modifyitems(items):
-    """Mark every test that starts another process ``multiprocess`` (itself, through a
-    helper of its module, or through a fixture), so that ``make test-fast``
-    (``-m "not multiprocess"``) runs the in-process tests alone. Read from the source, so
-    that a new test is marked without anyone remembering to."""
+    keras3 = None
     for item in items:
-        function = getattr(item, "function", None)
-        if function is None:
-            continue
-        seen: set = set()
-        fixtures = [defs[-1].func for defs in item._fixtureinfo.name2fixturedefs.values()
-                    if defs]
-        if any(_starts_a_process(getattr(f, "__wrapped__", f), seen)
-               for f in [function, *fixtures]):
-            item.add_marker(pytest.mark.multiprocess)
+        if item.get_closest_marker("cluster") and os.geteuid() != 0:
+            item.add_marker(pytest.mark.skip(reason="tools/cluster.sh needs root"))
+        if item.get_closest_marker("keras3_only"):
+            if keras3 is None:
+                from lars_tf import keras_compat
+
+                keras3 = keras_compat.KERAS3
+            if not keras3:
+                item.add_marker(pytest.mark.skip(reason="Keras 3 only"))
+
+
+@contextlib.contextmanager
+def _in_process(item):
+    """While an unmarked test (or its fixtures) runs, starting a process fails it."""
+    if item.get_closest_marker("multiprocess"):
+        yield
+        return
+    start = subprocess.Popen._execute_child
+
+    def refuse(self, args, *rest, **kwargs):
+        command = args if isinstance(args, str) else " ".join(map(str, args))
+        raise AssertionError(f"{item.nodeid} starts a process ({command[:200]}): mark it "
+                             "@pytest.mark.multiprocess")
+
+    subprocess.Popen._execute_child = refuse
+    try:
+        yield
+    finally:
+        subprocess.Popen._execute_child = start
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _in_process(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _in_process(item):
+        yield
+
+
+# the ImageNet-format tests' folder of JPEGs and its shards, made once a session
+from tests.imagenet_data import image_folder, shards  # noqa: E402, F401

@@ -15,7 +15,7 @@ from lars_tf.testing import LAUNCH, REPO, job_env, run_job
 
 CLUSTER = str(REPO / "tools" / "cluster.sh")
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="tools/cluster.sh needs root")
+pytestmark = [pytest.mark.multiprocess, pytest.mark.cluster]  # cluster: root only
 
 
 def _cluster(env, *args, check=True):

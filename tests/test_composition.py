@@ -8,6 +8,8 @@ import pytest
 
 from lars_tf.testing import launcher, run_job
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.legacy]
+
 GLOBAL = 512
 
 

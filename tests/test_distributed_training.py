@@ -9,6 +9,8 @@ import pytest
 from lars_tf import keras_compat
 from lars_tf.testing import launcher, run_job
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.legacy]
+
 
 def _load(path):
     with np.load(path) as f:

@@ -57,6 +57,7 @@ def _onednn(order: str, env: str | None) -> tuple[str, str]:
     return result, proc.stderr
 
 
+@pytest.mark.multiprocess
 def test_onednn_is_on_unless_the_user_said_no():
     # TensorFlow alone turns oneDNN on only on CPUs with AVX-512 VNNI or newer
     tf_default, _ = _onednn("tf-alone", None)

@@ -14,6 +14,8 @@ from lars_tf.config import TrainConfig
 from lars_tf.data import elastic, imagenet, record_table
 from lars_tf.testing import BIN, LAUNCH, fashion_mnist_dir, launcher, run_job
 
+pytestmark = pytest.mark.legacy  # make test-legacy runs it on Keras 2 too
+
 
 def _read(examples, global_batch, seed, rank, size, epoch, update, updates):
     """What rank ``rank`` of ``size`` reads for ``updates`` updates from (epoch, update)."""
@@ -154,6 +156,7 @@ IMAGENET = ["--model=mlp", "--dataset=imagenet", "--image_size=24", "--num_class
             "--elastic_commit_every=2"]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("source", ["fashion_mnist", "imagenet"])
 def test_three_ranks_of_unequal_batches_train_as_one_process_on_the_global_batch(source,
                                                                                  tmp_path):
@@ -183,6 +186,7 @@ def test_three_ranks_of_unequal_batches_train_as_one_process_on_the_global_batch
     assert summary["elastic_resets"] == 0
 
 
+@pytest.mark.multiprocess
 def test_the_launcher_starts_an_elastic_job_and_refuses_a_wrong_one(tmp_path):
     discover = tmp_path / "discover.sh"
     discover.write_text("#!/bin/sh\necho localhost:2\n")
@@ -222,6 +226,7 @@ print("reinit ok")
 """
 
 
+@pytest.mark.multiprocess
 def test_horovod_starts_again_in_a_process_with_fusion_and_cycle_time_set():
     """An elastic reset calls hvd.init() again in the same process. With the fusion
     threshold and cycle time fixed by the environment (as every preset of the launchers

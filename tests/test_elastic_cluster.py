@@ -14,7 +14,7 @@ import pytest
 from lars_tf.testing import BIN, LAUNCH, REPO, fashion_mnist_dir, job_env, run_job
 from tests.test_cluster import CLUSTER, _cluster, _cmdline, hosts_up
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="tools/cluster.sh needs root")
+pytestmark = [pytest.mark.multiprocess, pytest.mark.cluster]  # cluster: root only
 
 
 @pytest.fixture(scope="module")

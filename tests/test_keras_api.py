@@ -13,7 +13,8 @@ import pytest
 from lars_tf import keras_compat
 from lars_tf.testing import launcher, run_job
 
-keras3_only = pytest.mark.skipif(not keras_compat.KERAS3, reason="Keras 3's API")
+pytestmark = pytest.mark.legacy
+keras3_only = pytest.mark.keras3_only  # Keras 3's API
 
 
 def _ranks(out, n=2):
@@ -54,6 +55,7 @@ def _fit(model, optimizer, steps=1, **compile_kwargs):
 
 
 # -- 2 ranks ---------------------------------------------------------------------------
+@pytest.mark.multiprocess
 def test_mixed_float16_with_a_plain_compile_skips_an_overflow_on_every_rank(tmp_path):
     """Keras' default compile under mixed_float16 (auto_scale_loss=True): Keras must not
     wrap the optimizer in a loss-scale optimizer of its own (that one checked each rank's
@@ -82,6 +84,7 @@ def test_mixed_float16_with_a_plain_compile_skips_an_overflow_on_every_rank(tmp_
     assert not all(np.array_equal(a, b) for a, b in zip(w[2], w[3]))  # step 3 updates
 
 
+@pytest.mark.multiprocess
 def test_the_broadcast_callback_makes_differently_seeded_ranks_identical(tmp_path):
     """A subclassed model built lazily in the first step, started from different weights
     on each rank: with lars_tf.BroadcastState both ranks end bit-identical, weights and
@@ -94,6 +97,7 @@ def test_the_broadcast_callback_makes_differently_seeded_ranks_identical(tmp_pat
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+@pytest.mark.multiprocess
 def test_variables_in_another_order_on_one_rank_stop_both_ranks_naming_it(tmp_path):
     """Gradients are all-reduced by position: two equal-shaped variables that trade places
     on one rank would be summed into each other in silence. The first update stops both
@@ -116,9 +120,9 @@ def test_wrap_optimizer_under_mixed_float16_scales_the_loss_once(fp16_policy):
     loss-scale optimizer and every step came out 32768x too small)."""
     import keras
 
-    from lars_tf import distributed
+    from lars_tf import build
 
-    ours = _fit(_model(), distributed.wrap_optimizer(keras.optimizers.SGD(0.5),
+    ours = _fit(_model(), build.wrap_optimizer(keras.optimizers.SGD(0.5),
                                                      precision="mixed_float16"))
     keras_own = _fit(_model(), keras.optimizers.SGD(0.5))
     assert isinstance(keras_own.optimizer, keras_compat.LOSS_SCALE_CLASSES)
@@ -257,6 +261,7 @@ def test_loss_scale_option(fp16_policy):
     assert not lars_tf.DistributedOptimizer(lars_tf.LARS(0.5)).scales_loss
 
 
+@pytest.mark.multiprocess
 def test_float64_bfloat16_and_float32_gradients_all_reduce_on_2_ranks(tmp_path):
     """One model with variables of three dtypes (the single grouped all-reduce crashed on
     more than one dtype, and Horovod's op takes no bfloat16): 2 ranks x 8 examples end

@@ -9,6 +9,8 @@ import tensorflow as tf
 from lars_tf import LARS, WarmupPolynomialDecay, keras_compat
 from tests import reference
 
+pytestmark = pytest.mark.legacy
+
 STEPS = 12
 
 
@@ -234,6 +236,7 @@ def test_decayed_gradient_guard_tests_the_decayed_gradient():
     np.testing.assert_allclose(w.numpy(), w0 - 0.01 * w0, rtol=1e-6)
 
 
+@pytest.mark.multiprocess
 def test_saved_models_load_without_custom_objects(tmp_path):
     """Models compiled with LARS and the schedule (alone, inside lars_tf's
     DistributedOptimizer and, on Keras 2, inside Horovod's, as users' own scripts have it)

@@ -2,14 +2,16 @@
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
 
 import pytest
 
-from lars_tf import keras_compat
 from lars_tf.testing import LAUNCH, REPO, job_env, run_job
+
+pytestmark = pytest.mark.multiprocess
 
 SHORT_RUN = ["--model=mlp", "--epochs=1", "--warmup_epochs=0", "--global_batch_size=1024",
              "--progress_bar=false"]
@@ -190,7 +192,7 @@ def test_bad_input_fails_before_anything_starts(script, args, message, tmp_path)
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.skipif(not keras_compat.KERAS3, reason="the legacy stack's Horovod is unpatched")
+@pytest.mark.keras3_only  # the legacy stack's Horovod is unpatched
 def test_horovodrun_knows_gloo_and_mpi_were_built_without_loading_tensorflow():
     """horovodrun asked by forking a process that imported TensorFlow (3.5 s of every
     launch); the patched build records the answer. Loading the extension is made to fail
@@ -207,3 +209,20 @@ print(util.gloo_built(), util.mpi_built(), "tensorflow" in sys.modules)
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "True", "False"]
+
+
+@pytest.mark.parametrize("launcher", ["horovodrun_gpu.sh", "mpirun_cpu.sh", "slurm.sbatch"])
+def test_help_is_generated_from_the_option_table_and_names_every_option(launcher):
+    """--help prints every option the launcher parses (its table and the tuning one), each
+    with its text; a flag the table does not hold is refused, naming it."""
+    script = str(LAUNCH / launcher)
+    text = open(script).read() + open(LAUNCH / "lib" / "args.sh").read()
+    flags = set()
+    for entry in re.findall(r'^\s+"(-[^"#]+?) \S+ \S+ #', text, re.M):
+        flags |= set(entry.split("|"))
+    assert {"--preset", "--dry-run", "--fusion-threshold-mb"} <= flags and len(flags) > 15
+    proc = run_job([script, "--help"])
+    for flag in flags:
+        assert re.search(rf"(^|[ ,]){re.escape(flag)}\b", proc.stdout, re.M), (flag, proc.stdout)
+    bad = run_job([script, "--no-such-flag", "--dry-run"], check=False)
+    assert bad.returncode == 2 and "unknown option '--no-such-flag'" in bad.stderr

@@ -4,10 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lars_tf import keras_compat
-
-pytestmark = pytest.mark.skipif(not keras_compat.KERAS3,
-                                reason="Keras 2's own BatchNormalization is fused already")
+pytestmark = pytest.mark.keras3_only  # Keras 2's own BatchNormalization is fused already
 
 
 def _op_types(fn, *args) -> set[str]:

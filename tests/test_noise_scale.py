@@ -26,6 +26,7 @@ def _check(rows: np.ndarray, updates_per_chunk: int) -> None:
         assert abs(mean - truth) < 4 * se, (name, mean, truth, se)
 
 
+@pytest.mark.multiprocess
 def test_one_process_accumulating_4_passes_matches_the_closed_form(tmp_path):
     """One rank, 4 backward passes per update: the passes' gradients are the small
     batches (8 examples), their mean the large one (32)."""
@@ -33,6 +34,7 @@ def test_one_process_accumulating_4_passes_matches_the_closed_form(tmp_path):
     _check(np.load(tmp_path / "rank0.npy"), updates_per_chunk=40)
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_under_loss_scaling_match_the_closed_form_and_agree(tmp_path):
     """2 ranks x 2 passes, gradients scaled by 1024 (unscaled for the estimate): both
     ranks hold the same sums, which match the closed form."""
@@ -56,6 +58,7 @@ def test_one_gradient_per_update_is_refused_naming_the_flag():
         lars_tf.DistributedOptimizer(tf.keras.optimizers.SGD(0.1), noise_scale_every=-1)
 
 
+@pytest.mark.multiprocess
 def test_lars_train_logs_the_noise_scale_per_epoch(tmp_path):
     """--noise_scale_every on 2 ranks (Fashion-MNIST, the MLP, one epoch): B_simple is in
     the epoch's log line, the summary's history and TensorBoard."""

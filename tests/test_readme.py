@@ -1,17 +1,26 @@
-"""The README's examples run as printed: a user copies them, so they must work."""
+"""The examples of the README and the docs run as printed: a user copies them, so they must
+work."""
 
 import json
 import re
 
+import pytest
+
 from lars_tf.testing import REPO, launcher, run_job
+
+pytestmark = pytest.mark.multiprocess
 
 
 def _python_block(first_line: str) -> str:
-    """The README's python code block that starts with ``first_line``."""
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
-    found = [b for b in blocks if b.startswith(first_line)]
-    assert len(found) == 1, f"README has {len(found)} python blocks starting {first_line!r}"
-    return found[0]
+    """The python code block that starts with ``first_line``, in the README or the docs
+    (``docs/*.md``): found at least once, and the same wherever it is printed."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    found = {b for page in pages
+             for b in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+             if b.startswith(first_line)}
+    assert len(found) == 1, (f"{len(found)} different python blocks start {first_line!r} "
+                             "in README.md and docs/")
+    return found.pop()
 
 
 def test_the_python_api_example_trains_a_custom_model_on_2_ranks(tmp_path):

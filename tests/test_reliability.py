@@ -49,6 +49,7 @@ def uninterrupted(tmp_path_factory):
     ("gloo", r"Process 1 exit with status code 137"),  # horovodrun's report
     ("mpirun", r"process rank 1 with PID \d+ on node \S+ exited on\s+signal 9"),
 ])
+@pytest.mark.multiprocess
 def test_killed_rank_ends_the_job_and_resume_loses_nothing(kind, names_rank, uninterrupted,
                                                            tmp_path):
     proc = start(launcher(kind) + [str(BIN / "lars-train"), f"--model_dir={tmp_path}", *RUN])
@@ -88,6 +89,7 @@ for epoch in range(int(sys.argv[2]), 10**6):
 """
 
 
+@pytest.mark.multiprocess
 def test_kill_during_checkpoint_write_leaves_latest_checkpoint_readable(tmp_path):
     """kill -9 a writer of ResNet-50 checkpoints (~300 MB with LARS' momentum) at random
     moments, mostly inside a write: the newest complete checkpoint always restores."""
@@ -116,6 +118,7 @@ def test_kill_during_checkpoint_write_leaves_latest_checkpoint_readable(tmp_path
     assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".")]
 
 
+@pytest.mark.multiprocess
 def test_nan_loss_stops_every_rank_naming_the_step(tmp_path):
     proc = start(launcher("gloo") + [
         str(BIN / "lars-train"), f"--model_dir={tmp_path}", "--model=mlp", "--epochs=2",
@@ -128,6 +131,7 @@ def test_nan_loss_stops_every_rank_naming_the_step(tmp_path):
     assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
 
 
+@pytest.mark.multiprocess
 def test_replica_check_names_the_first_differing_variable(tmp_path):
     fault = [sys.executable, str(REPO / "tests" / "workers" / "faults.py")]
     # a healthy run passes the check every 2 steps
@@ -143,6 +147,7 @@ def test_replica_check_names_the_first_differing_variable(tmp_path):
     assert "exit with status code 4" in out  # lars-train's code for diverged replicas
 
 
+@pytest.mark.multiprocess
 def test_stalled_rank_shuts_the_job_down_within_the_launchers_bound(tmp_path):
     proc = start([str(REPO / "launch" / "horovodrun_gpu.sh"), "--mpi", "--gpus-per-host", "2",
                   "--stall-check-shutdown-time-seconds", "8", "--", sys.executable,
@@ -159,6 +164,7 @@ def test_stalled_rank_shuts_the_job_down_within_the_launchers_bound(tmp_path):
     assert "No checkpoint was written yet." in out
 
 
+@pytest.mark.multiprocess
 def test_frozen_rank_is_ended_by_the_watchdog(tmp_path):
     """A rank frozen whole (SIGSTOP: its Horovod thread too) defeats Horovod's stall check;
     under Gloo the other rank would wait forever. --watchdog_sec ends the job."""
@@ -285,6 +291,7 @@ BAD_INPUT = [  # (flags, launcher, exit code, message)
 ]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("flags, kind, code, message", BAD_INPUT,
                          ids=[" ".join(b[0]) for b in BAD_INPUT])
 def test_bad_input_fails_clearly_and_leaves_checkpoints_untouched(
@@ -314,6 +321,7 @@ def test_bad_input_fails_clearly_and_leaves_checkpoints_untouched(
     assert _tree_digest(model_dir) == before
 
 
+@pytest.mark.multiprocess
 def test_a_damaged_shard_without_strict_data_trains_on_and_names_it(tmp_path):
     """A record whose CRC fails in the middle of a shard: the run counts the records before
     the damage, trains on them, and names the file and byte offset (it ended the job, with
@@ -329,6 +337,7 @@ def test_a_damaged_shard_without_strict_data_trains_on_and_names_it(tmp_path):
     assert 0 < summary["steps_per_epoch"] < 5 and summary["epochs_done"] == 1
 
 
+@pytest.mark.multiprocess
 def test_model_dir_that_is_a_file_is_refused(tmp_path):
     target = tmp_path / "not_a_dir"
     target.write_text("precious")

@@ -9,6 +9,8 @@ import tensorflow as tf
 from lars_tf import WarmupPolynomialDecay, scale_learning_rate
 from tests import reference
 
+pytestmark = pytest.mark.legacy
+
 
 @pytest.mark.parametrize("power", [1.0, 2.0, 0.5])
 def test_schedule_matches_formula(power):

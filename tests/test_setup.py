@@ -22,11 +22,13 @@ def _setup(tmp_path, **env):
     return proc.stderr
 
 
+@pytest.mark.multiprocess
 def test_an_unknown_stack_is_refused(tmp_path):
     err = _setup(tmp_path, LARS_TF_STACK="keras4")
     assert "LARS_TF_STACK=keras4: must be keras3 (the default) or keras2" in err
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("stack, version", [("keras3", "3.10"), ("keras2", "3.12")])
 def test_a_python_the_stack_has_no_wheels_for_is_refused(stack, version, tmp_path):
     candidates = [shutil.which(f"python{version}"), *glob.glob(os.path.expanduser(
@@ -40,6 +42,7 @@ def test_a_python_the_stack_has_no_wheels_for_is_refused(stack, version, tmp_pat
     assert f"needs Python {want}" in err and f"Python {version}" in err
 
 
+@pytest.mark.multiprocess
 def test_a_missing_python_is_refused(tmp_path):
     err = _setup(tmp_path, PYTHON=os.path.join(str(tmp_path), "no-python"))
     assert "no-python not found" in err
@@ -51,6 +54,7 @@ def test_a_missing_python_is_refused(tmp_path):
      "LARS_TF_CUDA_HOME=/nonexistent/cuda: no working bin/nvcc there"),
     ({"LARS_TF_CUDA_HOME": "/", "LARS_TF_CUDA_ARCHS": "sm_80"}, None),
 ], ids=["legacy-stack", "no-nvcc", "bad-archs"])
+@pytest.mark.multiprocess
 def test_a_gpu_build_that_cannot_be_made_is_refused(env, message, tmp_path):
     if message is None:  # the archs are checked once a toolkit is found: give it a fake nvcc
         fake = tmp_path / "cuda"
@@ -66,6 +70,7 @@ def test_a_gpu_build_that_cannot_be_made_is_refused(env, message, tmp_path):
     assert message in err
 
 
+@pytest.mark.multiprocess
 def test_a_source_package_that_differs_from_its_pinned_sha256_is_not_built(tmp_path):
     """Horovod and mpi4py are built from source (as root on CI): each source package is
     checked against tools/sdists.sha256 first. A tampered one in the cache stops set-up,

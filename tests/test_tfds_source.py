@@ -76,6 +76,7 @@ def test_prepare_from_manual_tars_and_read_sharded(manual_dir, tmp_path):
     assert sorted(np.concatenate(seen).tolist()) == sorted(one.tolist()) and len(one) == VAL
 
 
+@pytest.mark.multiprocess
 def test_two_rank_run_prepares_once(manual_dir, tmp_path):
     run_job(launcher("gloo") + [
         "lars-train", "--dataset=tfds:imagenet2012", f"--data_dir={tmp_path / 'tfds'}",

@@ -31,6 +31,8 @@ def _checkpoint_tensors(model_dir):
                    if "OBJECT_GRAPH" not in k}
 
 
+@pytest.mark.multiprocess
+@pytest.mark.legacy
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     # 10 updates an epoch at global batch 1024: with two inter-op threads per rank, runs of
     # this shape stopped repeating each other (#16); at 4096 they happened not to
@@ -70,6 +72,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert os.listdir(straight / "tensorboard")
 
 
+@pytest.mark.multiprocess
 def test_custom_keras_model_through_the_python_api(tmp_path):
     run_job(launcher("gloo") + ["python", "tests/workers/custom_model.py", str(tmp_path)])
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
@@ -113,6 +116,7 @@ def _cli(*flags):
     # the preset's dataset needs a folder: it is checked like a flag given by hand
     (["--preset=resnet50-32k"], "--dataset=imagenet needs --data_dir"),
 ])
+@pytest.mark.multiprocess
 def test_bad_flags_stop_before_training(flags, message):
     proc = _cli(*flags)
     assert proc.returncode != 0
@@ -121,6 +125,7 @@ def test_bad_flags_stop_before_training(flags, message):
     assert "epoch   1" not in proc.stderr
 
 
+@pytest.mark.multiprocess
 def test_existing_checkpoints_are_never_overwritten_without_resume(tmp_path):
     ckpt = tmp_path / "checkpoints" / "epoch-000003"
     ckpt.mkdir(parents=True)
@@ -131,6 +136,7 @@ def test_existing_checkpoints_are_never_overwritten_without_resume(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
 
 
+@pytest.mark.multiprocess
 def test_every_config_field_is_a_flag():
     proc = subprocess.run([sys.executable, "-c", "import lars_tf.cli as c; "
                            "print(' '.join(c.FLAGS))"], env=job_env(), text=True,
@@ -140,6 +146,7 @@ def test_every_config_field_is_a_flag():
     assert fields <= flag_names, fields - flag_names
 
 
+@pytest.mark.multiprocess
 def test_a_preset_fills_the_flags_not_given(tmp_path):
     # SHORT (and --epochs=1) give the model, batch, epochs, learning rate and warmup: those win; the
     # preset brings the rest (warmup from 1.0, its epoch size); the chief says what changed
@@ -158,6 +165,7 @@ def test_a_preset_fills_the_flags_not_given(tmp_path):
     assert "its learning rate and warmup are only a starting point" in proc.stderr
 
 
+@pytest.mark.multiprocess
 def test_skipped_updates_at_the_minimum_loss_scale_stop_the_run():
     """A model that always gives NaN: the loss scale halves from 2^15 to 1 in 15 skipped
     updates, and 5 more skipped at 1 stop the run with exit 4, naming the step (before,
@@ -170,6 +178,7 @@ def test_skipped_updates_at_the_minimum_loss_scale_stop_the_run():
     assert "training ended without stopping" in proc.stdout
 
 
+@pytest.mark.multiprocess
 def test_a_registered_model_on_your_own_datasets():
     """fit(train_ds) without a model builds --model for --num_classes classes (it was built
     with 0 outputs, and oneDNN aborted the process)."""
@@ -184,6 +193,7 @@ def test_a_registered_model_on_your_own_datasets():
     assert "outputs 10" in proc.stdout
 
 
+@pytest.mark.multiprocess
 def test_steps_per_epoch_must_hold_whole_accumulation_windows():
     script = ("import lars_tf, tensorflow as tf\n"
               "config = lars_tf.TrainConfig(model='mlp', global_batch_size=64, epochs=1, "
@@ -197,6 +207,7 @@ def test_steps_per_epoch_must_hold_whole_accumulation_windows():
             in proc.stderr), proc.stderr[-2000:]
 
 
+@pytest.mark.multiprocess
 def test_the_last_epoch_of_a_run_is_always_evaluated(tmp_path):
     """--eval_every=2 with --stop_after_epoch=1: epoch 1 ends this run, so it is evaluated
     (the summary reported no accuracy, or a stale one)."""
@@ -208,6 +219,7 @@ def test_the_last_epoch_of_a_run_is_always_evaluated(tmp_path):
     assert summary["final_test_accuracy"] == summary["history"][0]["test_accuracy"] > 0.5
 
 
+@pytest.mark.multiprocess
 def test_lamb_trains_and_is_refused_on_keras_2(tmp_path):
     """--optimizer=lamb (Keras 3's LAMB) trains the MLP for an epoch in one process; on
     Keras 2, which has no LAMB, it is refused naming the flag."""
