@@ -4,6 +4,28 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
+HOST_ARGS="" HOSTFILE="" NP="" GPUS_PER_HOST="" NIC="" CONTROLLER=""
+ELASTIC=0 DISCOVERY="" MIN_NP="" MAX_NP="" ELASTIC_TIMEOUT="" COOLDOWN=""
+LAUNCHER_OPTIONS=(
+    "## Hosts:"
+    "-H|--hosts HOST_ARGS value # LIST # host:slots,... (slots default to --gpus-per-host)"
+    "--hostfile HOSTFILE value # FILE # lines \"host slots=N\" or \"host:N\" (or just \"host\")"
+    "--gpus-per-host GPUS_PER_HOST uint # N # processes per host without a slot count (default: GPUs that nvidia-smi lists here, else 1)"
+    "-np NP value # N # total processes (default: every slot)"
+    "--network-interface NIC value # NIC # the interface(s) between hosts (e.g. eth0 or ib0,eth0)"
+    "--mpi CONTROLLER =--mpi # - # Horovod's MPI controller (the default when mpirun is on PATH, as with the venv's Open MPI; Horovod 0.28.1 enforces --stall-check-shutdown-time-seconds only under MPI)"
+    "--gloo CONTROLLER =--gloo # - # Horovod's Gloo controller (the default without mpirun)"
+    "## Elastic (Gloo; ranks may leave and join, the global batch and schedule stay as set):"
+    "--elastic ELASTIC =1 # - # start an elastic job (passes --elastic to lars-train)"
+    "--host-discovery-script DISCOVERY value # S # an executable that prints the hosts available now, one \"host\" or \"host:slots\" a line (run every second by horovodrun)"
+    "--min-np MIN_NP uint # N # the fewest ranks the job goes on with (default: -np)"
+    "--max-np MAX_NP uint # N # the most ranks it grows to (default: no limit)"
+    "--elastic-timeout ELASTIC_TIMEOUT uint # S # how long a reset waits for --min-np ranks (default: 600)"
+    "--blacklist-cooldown-range COOLDOWN value # \"MIN MAX\" # a failed host may come back after MIN..MAX seconds, doubling with each failure (default: a failed host never comes back)"
+    "#. The ssh sessions to the hosts must end when a host vanishes (ServerAliveInterval in the"
+    "#. ssh config): horovodrun counts a rank lost when its session ends."
+)
+
 usage() {
     cat <<EOF
 Usage: $(basename "$0") [options] [-- [lars-train flags | program args...]]
@@ -11,31 +33,9 @@ Usage: $(basename "$0") [options] [-- [lars-train flags | program args...]]
 One process per GPU on every host; each process uses the GPU of its local rank (lars_tf pins
 it). After "--" come lars-train's flags, or a program of your own (e.g. python train.py).
 
-Hosts:
-  -H, --hosts LIST           host:slots,... (slots default to --gpus-per-host)
-  --hostfile FILE            lines "host slots=N" or "host:N" (or just "host")
-  --gpus-per-host N          processes per host without a slot count
-                             (default: GPUs that nvidia-smi lists here, else 1)
-  -np N                      total processes (default: every slot)
-  --network-interface NIC    the interface(s) between hosts (e.g. eth0 or ib0,eth0)
-  --mpi | --gloo             Horovod's controller (default: MPI when mpirun is on PATH, as
-                             with the venv's Open MPI; else Gloo). Horovod 0.28.1 enforces
-                             --stall-check-shutdown-time-seconds only under MPI.
+$(options_help "${LAUNCHER_OPTIONS[@]}")
 
-Elastic (Gloo; ranks may leave and join, the global batch and schedule stay as set):
-  --elastic                  start an elastic job (passes --elastic to lars-train)
-  --host-discovery-script S  an executable that prints the hosts available now, one
-                             "host" or "host:slots" a line (run every second by horovodrun)
-  --min-np N                 the fewest ranks the job goes on with (default: -np)
-  --max-np N                 the most ranks it grows to (default: no limit)
-  --elastic-timeout S        how long a reset waits for --min-np ranks (default: 600)
-  --blacklist-cooldown-range "MIN MAX"
-                             a failed host may come back after MIN..MAX seconds, doubling
-                             with each failure (default: a failed host never comes back)
-The ssh sessions to the hosts must end when a host vanishes (ServerAliveInterval in the ssh
-config): horovodrun counts a rank lost when its session ends.
-
-$TUNING_HELP
+$(options_help "${TUNING_OPTIONS[@]}")
 
 A job on several hosts that fails is followed by an ssh check (5 s) that names the hosts
 no longer answering (a host lost without a word shows only as a timeout on the others).
@@ -47,23 +47,6 @@ Examples:
 EOF
 }
 
-HOST_ARGS="" HOSTFILE="" NP="" GPUS_PER_HOST="" NIC="" CONTROLLER=""
-LAUNCHER_OPTIONS=(
-    "-H|--hosts HOST_ARGS value"
-    "--hostfile HOSTFILE value"
-    "--gpus-per-host GPUS_PER_HOST uint"
-    "-np NP value"
-    "--network-interface NIC value"
-    "--mpi CONTROLLER =--mpi"
-    "--gloo CONTROLLER =--gloo"
-    "--elastic ELASTIC =1"
-    "--host-discovery-script DISCOVERY value"
-    "--min-np MIN_NP uint"
-    "--max-np MAX_NP uint"
-    "--elastic-timeout ELASTIC_TIMEOUT uint"
-    "--blacklist-cooldown-range COOLDOWN value"
-)
-ELASTIC=0 DISCOVERY="" MIN_NP="" MAX_NP="" ELASTIC_TIMEOUT="" COOLDOWN=""
 parse_args "$@"
 apply_settings
 

@@ -5,6 +5,20 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
+HOST_ARGS="" HOSTFILE="" RPN="" RPS="" CORES="" SOCKETS="" INTER="" NIC="" MPIRUN=mpirun
+LAUNCHER_OPTIONS=(
+    "## Hosts and placement:"
+    "-H|--hosts HOST_ARGS value # LIST # host[:slots],... (default: localhost)"
+    "--hostfile HOSTFILE value # FILE # lines \"host slots=N\" or \"host:N\" (or just \"host\")"
+    "--ranks-per-node RPN uint # N # N ranks on every node, each bound to cores/N cores"
+    "--ranks-per-socket RPS uint # N # N ranks on every socket (default: 1 per socket)"
+    "--cores-per-node CORES uint # N # physical cores per node (default: this node's)"
+    "--sockets-per-node SOCKETS uint # N # sockets per node (default: this node's)"
+    "--inter-op-threads INTER uint # N # TensorFlow inter-op threads per rank (default: lars-train's, 2; 1 with --deterministic)"
+    "--network-interface NIC value # NIC # the interface between nodes (MPI's TCP transport)"
+    "--mpirun MPIRUN value # PATH # the mpirun to use (default: mpirun on PATH: the venv's Open MPI, or a system Open MPI / MPICH / Intel MPI)"
+)
+
 usage() {
     cat <<EOF
 Usage: $(basename "$0") [options] [-- [lars-train flags | program args...]]
@@ -12,19 +26,9 @@ Usage: $(basename "$0") [options] [-- [lars-train flags | program args...]]
 Nodes are assumed alike: cores and sockets are read from this node (lscpu) unless given.
 After "--" come lars-train's flags, or a program of your own (e.g. python train.py).
 
-Hosts and placement:
-  -H, --hosts LIST           host[:slots],...   (default: localhost)
-  --hostfile FILE            lines "host slots=N" or "host:N" (or just "host")
-  --ranks-per-node N         N ranks on every node, each bound to cores/N cores
-  --ranks-per-socket N       N ranks on every socket (default: 1 per socket)
-  --cores-per-node N         physical cores per node (default: this node's)
-  --sockets-per-node N       sockets per node (default: this node's)
-  --inter-op-threads N       TensorFlow inter-op threads per rank (default: lars-train's, 2; 1 with --deterministic)
-  --network-interface NIC    the interface between nodes (MPI's TCP transport)
-  --mpirun PATH              the mpirun to use (default: mpirun on PATH: the venv's Open
-                             MPI, or a system Open MPI / MPICH / Intel MPI)
+$(options_help "${LAUNCHER_OPTIONS[@]}")
 
-$TUNING_HELP
+$(options_help "${TUNING_OPTIONS[@]}")
 
 A job on several hosts that fails is followed by an ssh check (5 s) that names the hosts
 no longer answering (a host lost without a word shows only as a timeout on the others).
@@ -36,18 +40,6 @@ Examples:
 EOF
 }
 
-HOST_ARGS="" HOSTFILE="" RPN="" RPS="" CORES="" SOCKETS="" INTER="" NIC="" MPIRUN=mpirun
-LAUNCHER_OPTIONS=(
-    "-H|--hosts HOST_ARGS value"
-    "--hostfile HOSTFILE value"
-    "--ranks-per-node RPN uint"
-    "--ranks-per-socket RPS uint"
-    "--cores-per-node CORES uint"
-    "--sockets-per-node SOCKETS uint"
-    "--inter-op-threads INTER uint"
-    "--network-interface NIC value"
-    "--mpirun MPIRUN value"
-)
 parse_args "$@"
 apply_settings
 

@@ -1,29 +1,5 @@
 #!/usr/bin/env bash
-# A cluster of N hosts on this machine: network namespaces h1..hN, each with its own network
-# stack, hostname, address (198.18.0.i, the benchmarking range, inside the namespaces only)
-# and sshd, linked through a bridge by veth pairs shaped with tc. The hosts share this
-# machine's filesystem, as cluster nodes share a home directory.
-#
-#   tools/cluster.sh up N [none|10gbe|1gbe]   start h1..hN (links unshaped by default)
-#   tools/cluster.sh run HOST CMD...          run CMD on HOST (its network and hostname)
-#   tools/cluster.sh kill HOST                kill every process on HOST, take its link down
-#   tools/cluster.sh revive HOST              bring a killed HOST back (link up, sshd)
-#   tools/cluster.sh slurm                    start Slurm on the hosts (slurmctld on h1)
-#   tools/cluster.sh status                   hosts, addresses, links, sshd pids
-#   tools/cluster.sh down                     stop everything, leave nothing behind
-#
-# Links: "10gbe" = 10 Gbit/s and "1gbe" = 1 Gbit/s per host (tbf on each host's egress).
-# Latency is not added: this kernel has no netem qdisc (the script says so if asked for it).
-# ssh: host keys and a client key are made in the cluster's folder ($LARS_TF_CLUSTER_DIR,
-# default /tmp/lars_tf_cluster); `ssh` on the PATH that `run` gives is a wrapper that uses the
-# cluster's ssh config, so horovodrun and mpirun reach the hosts by name (h1, h2, ...) and
-# nothing in ~/.ssh is read or changed. Sessions send keepalives (every 2 s, 3 missed: gone),
-# so a session to a host that vanished ends within about 6 s, as a cluster's ssh should be
-# set up for elastic jobs (horovodrun counts a rank lost when its ssh session ends).
-# Needs root, iproute2 and Debian's openssh-server.
-# Slurm (Debian's slurm-wlm and munge): one partition "all" of every host, munged with a key
-# of the cluster's own, slurmctld on h1 and slurmd on every host, all inside the hosts (so
-# down stops them); `run` sets SLURM_CONF so that sbatch/srun/sinfo there use it.
+# A cluster of N hosts on this machine, in network namespaces: see usage() below.
 set -euo pipefail
 
 DIR=${LARS_TF_CLUSTER_DIR:-/tmp/lars_tf_cluster}
@@ -31,6 +7,36 @@ SWITCH=lars-switch
 NET=198.18.0
 
 MARKER=.made-by-lars_tf-cluster  # in $DIR: what `down` may delete
+
+usage() {
+    cat >&2 <<'USAGE'
+A cluster of N hosts on this machine: network namespaces h1..hN, each with its own network
+stack, hostname, address (198.18.0.i, the benchmarking range, inside the namespaces only)
+and sshd, linked through a bridge by veth pairs shaped with tc. The hosts share this
+machine's filesystem, as cluster nodes share a home directory.
+
+  tools/cluster.sh up N [none|10gbe|1gbe]   start h1..hN (links unshaped by default)
+  tools/cluster.sh run HOST CMD...          run CMD on HOST (its network and hostname)
+  tools/cluster.sh kill HOST                kill every process on HOST, take its link down
+  tools/cluster.sh revive HOST              bring a killed HOST back (link up, sshd)
+  tools/cluster.sh slurm                    start Slurm on the hosts (slurmctld on h1)
+  tools/cluster.sh status                   hosts, addresses, links, sshd pids
+  tools/cluster.sh down                     stop everything, leave nothing behind
+
+Links: "10gbe" = 10 Gbit/s and "1gbe" = 1 Gbit/s per host (tbf on each host's egress).
+Latency is not added: this kernel has no netem qdisc (the script says so if asked for it).
+ssh: host keys and a client key are made in the cluster's folder ($LARS_TF_CLUSTER_DIR,
+default /tmp/lars_tf_cluster); `ssh` on the PATH that `run` gives is a wrapper that uses the
+cluster's ssh config, so horovodrun and mpirun reach the hosts by name (h1, h2, ...) and
+nothing in ~/.ssh is read or changed. Sessions send keepalives (every 2 s, 3 missed: gone),
+so a session to a host that vanished ends within about 6 s, as a cluster's ssh should be
+set up for elastic jobs (horovodrun counts a rank lost when its ssh session ends).
+Needs root, iproute2 and Debian's openssh-server.
+Slurm (Debian's slurm-wlm and munge): one partition "all" of every host, munged with a key
+of the cluster's own, slurmctld on h1 and slurmd on every host, all inside the hosts (so
+down stops them); `run` sets SLURM_CONF so that sbatch/srun/sinfo there use it.
+USAGE
+}
 
 die() { echo "cluster.sh: $*" >&2; exit 2; }
 
@@ -269,5 +275,5 @@ case ${1:-} in
     slurm) slurm ;;
     status) status ;;
     down) down ;;
-    *) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) usage; exit 2 ;;
 esac

