@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from lars_tf import data as data_lib
 from lars_tf import testing
-from lars_tf.data import imagenet
+from lars_tf.data import imagenet, tfrecords
 from tests.imagenet_data import _config, _damage, _epoch_labels
 
 
@@ -54,7 +54,7 @@ def test_strict_data_makes_a_corrupt_jpeg_fatal_and_named(corrupt_dir):
 def test_truncated_record_file_is_read_to_the_damage_named_and_counted(shards, tmp_path,
                                                                       capfd):
     files = imagenet.split_files(str(shards), "validation")
-    good = imagenet.count_records(files[:1])
+    good = tfrecords.count_records(files[:1])
     raw = open(files[0], "rb").read()
     (tmp_path / "validation-00000-of-00001").write_bytes(raw[: int(len(raw) * 0.6)])
     for f in imagenet.split_files(str(shards), "train"):
@@ -120,14 +120,14 @@ def test_a_damaged_record_mid_shard_is_named_skipped_and_counted(tmp_path, capfd
     root = testing.id_shards(tmp_path / "shards", 2, records=40)
     _damage(root / "train-00001-of-00002")
     _damage(root / "validation-00000-of-00001")
-    total = imagenet.count_records(imagenet.split_files(str(root), "train"))
+    total = tfrecords.count_records(imagenet.split_files(str(root), "train"))
     assert 20 < total < 40
     err = capfd.readouterr().err
     assert re.search(r"train-00001-of-00002: damaged or truncated TFRecord file, readable "
                      r"up to byte offset \d+", err), err
     with pytest.raises(tf.errors.DataLossError,
                        match=r"train-00001-of-00002: damaged .* byte offset \d+.*strict_data"):
-        imagenet.count_records(imagenet.split_files(str(root), "train"), strict=True)
+        tfrecords.count_records(imagenet.split_files(str(root), "train"), strict=True)
 
     d = data_lib.build(_config(root, num_classes=40, global_batch_size=2), 0, 1)
     n_eval = sum(len(y) for _, y in d.eval)

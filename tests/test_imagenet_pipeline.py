@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from lars_tf import TrainConfig, testing
 from lars_tf import data as data_lib
-from lars_tf.data import imagenet
+from lars_tf.data import imagenet, tfrecords
 from lars_tf.testing import launcher, run_job
 from tests.imagenet_data import PER_CLASS, _config, _damage, _epoch_labels, _eval_images
 
@@ -147,12 +147,12 @@ def test_file_assignment_is_a_partition_for_any_counts():
         for size in range(1, 10):
             owners = collections.Counter()
             for rank in range(size):
-                for position, stride, offset in imagenet.file_assignment(files, rank, size):
+                for position, stride, offset in tfrecords.file_assignment(files, rank, size):
                     owners.update((position, i) for i in range(offset, 60, stride))
             assert owners == collections.Counter((p, i) for p in range(files)
                                                  for i in range(60)), (files, size)
             # a rank reads at most a few files beyond its share
-            reads = [len(imagenet.file_assignment(files, r, size)) for r in range(size)]
+            reads = [len(tfrecords.file_assignment(files, r, size)) for r in range(size)]
             assert max(reads) <= files // size + max(1, files % size)
 
 def _first_images(d, n=2):
@@ -193,7 +193,7 @@ def test_the_reader_keeps_each_files_stride_across_read_blocks(block, tmp_path, 
                   for i, r in enumerate(tf.data.TFRecordDataset(f).ignore_errors()
                                         .as_numpy_iterator()) if i % strides[k] == offsets[k])
     assert 10 < len(want) < 17  # file 0: its 10 odd records; file 1: every 3rd before damage
-    got = sorted(imagenet.records(files, True, strides=strides, offsets=offsets,
+    got = sorted(tfrecords.records(files, True, strides=strides, offsets=offsets,
                                   block=block).as_numpy_iterator())
     assert got == want
     err = capfd.readouterr().err
@@ -207,7 +207,7 @@ def test_the_shuffle_buffer_holds_at_most_shuffle_buffer_mb(record_kb, buffer):
                          shuffle_buffer_mb=2048)
     assert imagenet.shuffle_buffer(config, record_kb * 1024) == buffer
     assert imagenet.shuffle_buffer(config.replace(shuffle_buffer_mb=1), 2 ** 30) == 1
-    assert imagenet.read_block(44 * 1024) == 64 and imagenet.read_block(3000 * 1024) == 1
+    assert tfrecords.read_block(44 * 1024) == 64 and tfrecords.read_block(3000 * 1024) == 1
     with pytest.raises(ValueError, match="--shuffle_buffer_mb"):
         config.replace(shuffle_buffer_mb=0)
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from lars_tf import data as data_lib
 from lars_tf import testing
-from lars_tf.data import imagenet
+from lars_tf.data import imagenet, tfrecords
 from lars_tf.testing import BIN, job_env
 from tests.imagenet_data import (
     PER_CLASS,
@@ -37,7 +37,7 @@ def test_convert_report_and_schema(shards):
         "astronaut.png", "chelsea.png", "coffee.png"]
     assert report["written"] == 3 * PER_CLASS + 6
     files = imagenet.split_files(str(shards), "train")
-    assert len(files) == 4 and imagenet.count_records(files) == 3 * PER_CLASS + 6
+    assert len(files) == 4 and tfrecords.count_records(files) == 3 * PER_CLASS + 6
     labels = collections.Counter()
     for rec in tf.data.TFRecordDataset(files):
         image_bytes, label, _ = imagenet.parse(rec)
@@ -139,7 +139,7 @@ def test_a_shard_rewritten_after_conversion_gets_the_full_checks(shards, tmp_pat
     assert index is None and "changed since lars-convert wrote it" in why
     d = data_lib.build(_config(root), 0, 1)
     n = sum(len(y) for _, y in d.eval)
-    assert n == 2 + imagenet.count_records([str(root / "validation-00001-of-00002")])
+    assert n == 2 + tfrecords.count_records([str(root / "validation-00001-of-00002")])
     assert re.search(r"skipping corrupt JPEG in \S*validation-00000-of-00002\S* record 1",
                      capfd.readouterr().err)
 

@@ -7,7 +7,7 @@ A TFRecord file is a sequence of ``length (8 bytes, little-endian) | CRC of the 
 process (one 12-byte read per record: about a second for ImageNet's 1.28 million records
 in the page cache), so a shard is never read from its start to reach a record. That is
 what lets an elastic job cut any global batch of one epoch-wide order over any number of
-ranks (``lars_tf.data.elastic``), where the sequential reader of ``imagenet.records``
+ranks (``lars_tf.data.elastic``), where the sequential reader of ``tfrecords.records``
 gives each rank whole files.
 
 The walk stops with an error naming the shard and byte offset when a length runs past the
