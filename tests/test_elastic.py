@@ -12,7 +12,7 @@ from lars_tf import data as data_lib
 from lars_tf import testing
 from lars_tf.config import TrainConfig
 from lars_tf.data import elastic, imagenet, record_table
-from lars_tf.testing import BIN, LAUNCH, fashion_mnist_dir, launcher, run_job
+from lars_tf.testing import BIN, LAUNCH, launcher, run_job
 
 pytestmark = pytest.mark.legacy  # make test-legacy runs it on Keras 2 too
 
@@ -136,11 +136,6 @@ def test_a_partial_batch_split_is_reported_per_rank():
     assert [config.per_rank_batch_size(3, r) for r in range(3)] == [34, 33, 33]
 
 
-TRAIN = ["--model=mlp", "--dataset=fashion_mnist", "--global_batch_size=100",
-         "--train_examples=2000", "--epochs=2", "--learning_rate=0.5", "--warmup_epochs=0.5",
-         "--deterministic", "--noprogress_bar", "--elastic", "--elastic_commit_every=4"]
-
-
 def _weights(model_dir, epoch):
     reader = tf.train.load_checkpoint(str(model_dir / "checkpoints" / f"epoch-{epoch:06d}"
                                           / "ckpt"))
@@ -157,32 +152,25 @@ IMAGENET = ["--model=mlp", "--dataset=imagenet", "--image_size=24", "--num_class
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("source", ["fashion_mnist", "imagenet"])
-def test_three_ranks_of_unequal_batches_train_as_one_process_on_the_global_batch(source,
-                                                                                 tmp_path):
-    """--elastic on 3 local ranks (Gloo) with a global batch that 3 does not divide
-    (Fashion-MNIST: 100 = 34 + 33 + 33; lars-convert shards of 40 records: 10 = 4 + 3 + 3):
-    each rank's gradient is weighted by its slice, so the weights after 2 epochs equal those
-    of one process reading the same global batches, and each epoch's log counts exactly its
-    updates x the global batch."""
-    if source == "imagenet":
-        root = testing.id_shards(tmp_path / "shards", 3, records=40, indexed=True)
-        args, env, examples = IMAGENET + [f"--data_dir={root}"], {}, 40.0
-    else:
-        args, env = TRAIN, dict(LARS_TF_DATA_DIR=fashion_mnist_dir())
-        examples = 2000.0
+def test_three_ranks_of_unequal_batches_train_as_one_process_on_the_global_batch(tmp_path):
+    """--elastic on 3 local ranks (Gloo) on lars-convert shards of 40 records with a global
+    batch that 3 does not divide (10 = 4 + 3 + 3): each rank's gradient is weighted by its
+    slice, so the weights after 2 epochs equal those of one process reading the same global
+    batches, and each epoch's log counts exactly its updates x the global batch.
+    (Fashion-MNIST's elastic jobs: tests/test_elastic_cluster.py, with real resets.)"""
+    root = testing.id_shards(tmp_path / "shards", 3, records=40, indexed=True)
+    args = IMAGENET + [f"--data_dir={root}"]
     run_job([str(BIN / "horovodrun"), "--gloo", "-np", "3", "-H", "localhost:3",
              str(BIN / "lars-train"), f"--model_dir={tmp_path / 'three'}", *args],
-            timeout=600, **env)
-    run_job([str(BIN / "lars-train"), f"--model_dir={tmp_path / 'one'}", *args],
-            timeout=600, **env)
+            timeout=600)
+    run_job([str(BIN / "lars-train"), f"--model_dir={tmp_path / 'one'}", *args], timeout=600)
     three, one = _weights(tmp_path / "three", 2), _weights(tmp_path / "one", 2)
     assert three.keys() == one.keys() and len(three) > 4
     for k in three:
         np.testing.assert_allclose(three[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
     summary = json.loads((tmp_path / "three" / "summary.json").read_text())
     assert summary["world_size"] == 3
-    assert [h["examples"] for h in summary["history"]] == [examples, examples]
+    assert [h["examples"] for h in summary["history"]] == [40.0, 40.0]
     assert summary["elastic_resets"] == 0
 
 
