@@ -121,21 +121,30 @@ def build_elastic(config, shard: Shard) -> Datasets:
     """For ``--elastic``: each rank's slice of every global batch of an order that every
     rank shares (``lars_tf.data.elastic``), from update ``shard.update`` of epoch
     ``shard.initial_epoch`` on."""
-    # built again at every epoch and reset: the files are read once per process
-    images, labels = _load_once(config.resolved_data_dir(), "train")
+    # built again at every epoch and reset: the files are read, and their tensors made,
+    # once per process (a tensor made per epoch cost 47 MB of memory an epoch)
+    x, y = _train_tensors(config.resolved_data_dir(), config.train_examples)
     test_images, test_labels = _load_once(config.resolved_data_dir(), "test")
-    if 0 < config.train_examples < len(labels):
-        images, labels = images[:config.train_examples], labels[:config.train_examples]
-    steps = elastic.updates_per_epoch(len(labels), config.global_batch_size)
-    x, y = tf.constant(images), tf.constant(labels)
+    examples = int(y.shape[0])
+    steps = elastic.updates_per_epoch(examples, config.global_batch_size)
     train = (
-        elastic.index_batches(len(labels), config.global_batch_size, config.seed, shard.rank,
+        elastic.index_batches(examples, config.global_batch_size, config.seed, shard.rank,
                               shard.size, shard.initial_epoch, shard.update)
         .map(lambda idx: (normalize(tf.gather(x, idx)), tf.gather(y, idx)),
              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
     )
-    return _datasets(train, test_images, test_labels, shard, steps, len(labels))
+    return _datasets(train, test_images, test_labels, shard, steps, examples)
+
+
+@functools.lru_cache(maxsize=1)
+def _train_tensors(data_dir: str, limit: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """The training images and labels (the first ``limit``, if 0 < limit < 60000) as
+    tensors, made once per process for every elastic epoch."""
+    images, labels = _load_once(data_dir, "train")
+    if 0 < limit < len(labels):
+        images, labels = images[:limit], labels[:limit]
+    return tf.constant(images), tf.constant(labels)
 
 
 @functools.lru_cache(maxsize=2)
