@@ -12,13 +12,20 @@ launcher, job_env, rank_pids, ...) are in ``lars_tf.testing``, shared with the b
 
 import contextlib
 import os
+import platform
 import subprocess
 
+import numpy.testing  # noqa: F401  (see below)
 import pytest
 
 # lars_tf's default, for this process and every job it starts, whatever imports TensorFlow
 # first (the workers do: our imports put first-party lars_tf last).
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+# What libraries run once per process, lazily, done here before the guard below is on:
+# numpy 1.x's numpy.testing runs lscpu when first imported (the legacy stack's numpy; it
+# is imported above), and platform.processor() runs uname. Neither is a test's process.
+platform.processor()
 
 
 def pytest_collection_modifyitems(items):
