@@ -1,5 +1,5 @@
-# The environment a launch exports (sourced by common.sh): presets, the caller's
-# variables and the flags, in that order of precedence (a flag wins).
+# The environment a launch exports (sourced by common.sh): a preset's settings, under the
+# caller's own variables, under the flags (a flag wins).
 
 setvar() {  # setvar NAME VALUE [ORIGIN]: export for every rank and remember for --dry-run
     local name="$1" value="$2" v
