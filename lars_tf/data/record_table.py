@@ -4,11 +4,11 @@ numbers is read with one positional read (``os.pread``) per record.
 
 A TFRecord file is a sequence of ``length (8 bytes, little-endian) | CRC of the length (4)
 | data (length) | CRC of the data (4)``. ``RecordTable`` walks the length fields once per
-process (one 12-byte read per record: about a second for ImageNet's 1.28 million records
-in the page cache), so a shard is never read from its start to reach a record. That is
-what lets an elastic job cut any global batch of one epoch-wide order over any number of
-ranks (``lars_tf.data.elastic``), where the sequential reader of ``tfrecords.records``
-gives each rank whole files.
+process (one 8-byte read per record: 200,000 records in 0.22 s here, so about 1.4 s for
+ImageNet's 1.28 million in the page cache), so a shard is never read from its start to
+reach a record. That is what lets an elastic job cut any global batch of one epoch-wide
+order over any number of ranks (``lars_tf.data.elastic``), where the sequential reader of
+``tfrecords.records`` gives each rank whole files.
 
 The walk stops with an error naming the shard and byte offset when a length runs past the
 end of the file, and when the records found are not the count its lars-convert index
@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import struct
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -75,6 +76,7 @@ class RecordTable:
         self.file_of = np.repeat(np.arange(len(self.files), dtype=np.int64), counts)
         self.first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._fds: dict[int, int] = {}
+        self._opening = threading.Lock()  # the parallel map's threads read at once
         # made once, captured by every tf.data function that reads through this table
         self._tensors = (tf.constant(self.file_of), tf.constant(self.first),
                          tf.constant(self.files or [""]))
@@ -85,7 +87,10 @@ class RecordTable:
     def _fd(self, k: int) -> int:
         fd = self._fds.get(k)
         if fd is None:  # opened once per process and kept: resets build the pipeline again
-            fd = self._fds.setdefault(k, os.open(self.files[k], os.O_RDONLY))
+            with self._opening:
+                fd = self._fds.get(k)
+                if fd is None:
+                    fd = self._fds[k] = os.open(self.files[k], os.O_RDONLY)
         return fd
 
     def read(self, numbers: np.ndarray) -> np.ndarray:
