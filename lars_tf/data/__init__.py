@@ -42,8 +42,7 @@ def names(elastic: bool = False) -> tuple[str, ...]:
     return tuple(s.label for s in _SOURCES.values() if not elastic or s.build_elastic)
 
 
-DATASETS = names()
-ELASTIC_DATASETS = names(elastic=True)
+DATASETS = names()  # the built-in ones
 
 
 def source(dataset: str) -> Source:
@@ -100,7 +99,7 @@ def build_elastic(config, rank: int, size: int, epoch: int, update: int,
     """For ``--elastic``: this rank's datasets in a world of ``size``, whose training
     batches go on from update ``update`` of epoch ``epoch`` (``lars_tf.data.elastic``: one
     order per epoch shared by every rank, each rank reading its slice of every global
-    batch). Sources: ``ELASTIC_DATASETS``."""
+    batch). Sources: ``names(elastic=True)``."""
     dtype = tf.as_dtype(dtype) if dtype is not None else compute_dtype()
     s = source(config.dataset)
     if s.build_elastic is None:
