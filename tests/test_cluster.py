@@ -170,16 +170,36 @@ def _env(cluster) -> dict:
     return {"LARS_TF_CLUSTER_DIR": cluster["LARS_TF_CLUSTER_DIR"]}
 
 
+def _sbatch(cluster, tmp_path, *args, timeout=600) -> None:
+    """Submit a batch job on h1 and wait until it ends, failing with its output unless it
+    completed with exit code 0. Polls scontrol every 0.5 s: `sbatch --wait` polls with a
+    growing interval, and returned 31 s after a job of 11 s."""
+    out = tmp_path / "slurm-%j.out"
+    proc = run_job([CLUSTER, "run", "h1", "sbatch", "--parsable", f"--output={out}", *args],
+                   timeout=120, **_env(cluster))
+    job = proc.stdout.strip().splitlines()[-1].split(";")[0]
+    deadline = time.monotonic() + timeout
+    while True:
+        info = _cluster(cluster, "run", "h1", "scontrol", "-o", "show", "job", job).stdout
+        state = re.search(r"JobState=(\S+)", info).group(1)
+        if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+            break
+        assert time.monotonic() < deadline, f"job {job} still {state} after {timeout} s"
+        time.sleep(0.5)
+    log = tmp_path / f"slurm-{job}.out"
+    text = log.read_text()[-3000:] if log.exists() else "(no output file)"
+    assert state == "COMPLETED" and "ExitCode=0:0" in info, f"job {job}: {state}\n{text}"
+
+
 def test_slurm_sbatch_runs_a_job_across_two_hosts(cluster, tmp_path):
     """Slurm on the hosts (tools/cluster.sh slurm: munged, slurmctld on h1, slurmd on both):
     `sbatch -N 2 launch/slurm.sbatch --launcher mpirun` trains with one rank on each node of
     the allocation, each with the task's CPUs as its threads."""
     _cluster(cluster, "slurm")
     model_dir = tmp_path / "run"
-    run_job([CLUSTER, "run", "h1", "sbatch", "-N", "2", "--ntasks-per-node=1",
-             "--cpus-per-task=2", f"--output={tmp_path}/slurm-%j.out", "--wait",
-             str(LAUNCH / "slurm.sbatch"), "--launcher", "mpirun", "--",
-             f"--model_dir={model_dir}", *TRAIN], timeout=600, **_env(cluster))
+    _sbatch(cluster, tmp_path, "-N", "2", "--ntasks-per-node=1", "--cpus-per-task=2",
+            str(LAUNCH / "slurm.sbatch"), "--launcher", "mpirun", "--",
+            f"--model_dir={model_dir}", *TRAIN)
     ranks = _summary(model_dir)["ranks"]
     assert [r["host"] for r in ranks] == ["h1", "h2"]
     assert [r["env"]["OMP_NUM_THREADS"] for r in ranks] == ["2", "2"]
@@ -193,11 +213,9 @@ def test_slurm_elastic_job_runs_on_the_allocation(cluster, tmp_path):
     proc = _cluster(cluster, "slurm", check=False)  # up already, after the test before
     assert proc.returncode == 0 or "already started" in proc.stderr, proc.stderr
     model_dir = tmp_path / "run"
-    run_job([CLUSTER, "run", "h1", "sbatch", "-N", "2", "--ntasks-per-node=1",
-             "--cpus-per-task=2", f"--output={tmp_path}/slurm-%j.out", "--wait",
-             str(LAUNCH / "slurm.sbatch"), "--launcher", "horovodrun", "--elastic", "--",
-             f"--model_dir={model_dir}", *TRAIN],
-            timeout=600, **_env(cluster))
+    _sbatch(cluster, tmp_path, "-N", "2", "--ntasks-per-node=1", "--cpus-per-task=2",
+            str(LAUNCH / "slurm.sbatch"), "--launcher", "horovodrun", "--elastic", "--",
+            f"--model_dir={model_dir}", *TRAIN)
     summary = _summary(model_dir)
     assert sorted(r["host"] for r in summary["ranks"]) == ["h1", "h2"]
     assert summary["config"]["elastic"] is True
