@@ -108,7 +108,7 @@ def test_two_rank_training_run_on_converted_shards(shards, tmp_path):
     resumed from its checkpoint on float images: the checkpoints are the model's own."""
     run = launcher("gloo") + [
         "lars-train", "--dataset=imagenet", f"--data_dir={shards}", "--image_size=32",
-        "--num_classes=3", "--model=resnet20", "--global_batch_size=32", "--epochs=2",
+        "--num_classes=3", "--model=small_cnn", "--global_batch_size=32", "--epochs=2",
         "--learning_rate=1.0", "--warmup_epochs=1", f"--model_dir={tmp_path}",
         "--noprogress_bar"]
     run_job(run + ["--normalize_on_device", "--stop_after_epoch=1"])

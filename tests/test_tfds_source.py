@@ -80,7 +80,7 @@ def test_prepare_from_manual_tars_and_read_sharded(manual_dir, tmp_path):
 def test_two_rank_run_prepares_once(manual_dir, tmp_path):
     run_job(launcher("gloo") + [
         "lars-train", "--dataset=tfds:imagenet2012", f"--data_dir={tmp_path / 'tfds'}",
-        f"--manual_dir={manual_dir}", "--image_size=32", "--model=resnet20",
+        f"--manual_dir={manual_dir}", "--image_size=32", "--model=small_cnn",
         "--global_batch_size=4", "--epochs=1", "--warmup_epochs=0", "--learning_rate=0.1",
         f"--model_dir={tmp_path / 'run'}", "--noprogress_bar"])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
