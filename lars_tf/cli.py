@@ -167,8 +167,8 @@ def _train(argv):
         from lars_tf import data, models
 
         models.check_options(config.model, zero_init_residual=config.zero_init_residual)
-        data.check_name(config.dataset)
-    except ValueError as e:
+        data.check(config)  # flags, folders and files, before Horovod starts
+    except (ValueError, FileNotFoundError) as e:
         logging.error("%s", e)
         sys.exit(2)
     from lars_tf.train import Trainer  # imports Horovod: only once the flags are good

@@ -97,12 +97,13 @@ def _cli(*flags):
                           capture_output=True, timeout=120)
 
 
-@pytest.mark.parametrize("flags, message", [
+BAD_FLAGS = [  # (flags, what lars-train says)
     (["--global_batch_size=-1"], "--global_batch_size=-1"),
     (["--model=resnet51"], "--model='resnet51'"),
     (["--dataset=cifar10"], "--dataset='cifar10'"),
     (["--dataset=imagenet"], "--dataset=imagenet needs --data_dir"),
     (["--dataset=imagenet", "--data_dir=/tmp"], "has no train shards (train-*-of-*)"),
+    (["--dataset=tfds:imagenet2012"], "--dataset=tfds:imagenet2012 needs --data_dir"),
     (["--resume"], "--resume needs --model_dir"),
     (["--normalize_on_device"], "--normalize_on_device: --dataset=fashion_mnist"),
     (["--precision=fp8"], "--precision"),
@@ -110,14 +111,51 @@ def _cli(*flags):
     (["--stop_after_epoch=40", "--epochs=30"], "--stop_after_epoch=40"),
     (["--backward_passes_per_step=0"], "--backward_passes_per_step=0"),
     (["--data_dir=/nonexistent/fashion"], "--data_dir='/nonexistent/fashion'"),
+    (["--data_dir=/tmp"], "--data_dir='/tmp' has no train-images-idx3-ubyte.gz"),
     (["--preset=resnet50-1k"], "--preset"),
     (["--zero_init_residual"], "--zero_init_residual: --model=small_cnn does not take it"),
     (["--warmup_start_learning_rate=5", "--learning_rate=3"], "--warmup_start_learning_rate=5"),
     # the preset's dataset needs a folder: it is checked like a flag given by hand
     (["--preset=resnet50-32k"], "--dataset=imagenet needs --data_dir"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(b[0]) for b in BAD_FLAGS])
+def test_bad_flags_stop_before_horovod_starts(flags, message, caplog):
+    """lars-train's checks, run in this process: absl parses the flags as lars-train does,
+    then the CLI refuses them (exit code 2) before it makes the Trainer, which would start
+    Horovod and read the data."""
+    from unittest import mock
+
+    from absl import flags as absl_flags
+
+    from lars_tf import cli
+
+    parsed = absl_flags.FLAGS
+    parsed.unparse_flags()
+    try:
+        parsed(["lars-train", *flags])
+    except absl_flags.Error as e:  # lars-train prints it and exits 1
+        assert message in str(e), e
+        return
+    try:
+        with mock.patch("lars_tf.train.Trainer", side_effect=AssertionError("Trainer made")), \
+                pytest.raises(SystemExit) as stop:
+            cli._train(["lars-train"])
+    finally:
+        parsed.unparse_flags()
+    assert stop.value.code == 2
+    assert message in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--precision=fp8"], "--precision"),  # absl's refusal
+    (["--dataset=imagenet", "--data_dir=/tmp"], "has no train shards (train-*-of-*)"),
 ])
 @pytest.mark.multiprocess
-def test_bad_flags_stop_before_training(flags, message):
+def test_bad_flags_end_the_command_with_a_message(flags, message):
+    """The command itself, for a flag absl refuses and one lars_tf's checks refuse: a
+    message, no traceback, no training."""
     proc = _cli(*flags)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]

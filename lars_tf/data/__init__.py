@@ -17,7 +17,7 @@ from lars_tf.data import fashion_mnist, imagenet, synthetic, tfds_source
 from lars_tf.data.pipeline import Datasets, compute_dtype, options, rank_seed
 from lars_tf.data.source import Shard, Source
 
-__all__ = ["DATASETS", "Datasets", "Shard", "Source", "build", "build_elastic", "check_name",
+__all__ = ["DATASETS", "Datasets", "Shard", "Source", "build", "build_elastic", "check",
            "names", "options", "prepare", "rank_seed", "register", "source"]
 
 _SOURCES: dict[str, Source] = {}
@@ -53,8 +53,13 @@ def source(dataset: str) -> Source:
     raise ValueError(f"--dataset={dataset!r}: must be one of {names()}")
 
 
-def check_name(dataset: str) -> None:
-    source(dataset)
+def check(config) -> None:
+    """What can be checked of ``config``'s data before any rank starts: the source's name,
+    then where its data should be (``Source.check``). Raises ``ValueError`` or
+    ``FileNotFoundError`` naming the flag."""
+    s = source(config.dataset)
+    if s.check is not None:
+        s.check(config)
 
 
 def prepare(config) -> None:

@@ -23,20 +23,37 @@ IMAGE_SHAPE = (28, 28, 1)
 MEAN, STD = 0.2860, 0.3530
 
 
-def _open(data_dir: str, stem: str):
+def _require_folder(data_dir: str) -> None:
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(
+            f"--data_dir={data_dir!r} is not a directory. Install Fashion-MNIST with "
+            "`apt-get install dataset-fashion-mnist` or point --data_dir (or "
+            "$LARS_TF_DATA_DIR) at a folder with its four idx files")
+
+
+def _path(data_dir: str, stem: str) -> str:
     for name in (stem + ".gz", stem):
         path = os.path.join(data_dir, name)
         if os.path.isfile(path):
-            return path, (gzip.open if name.endswith(".gz") else open)(path, "rb")
+            return path
     raise FileNotFoundError(
         f"--data_dir={data_dir!r} has no {stem}.gz (or {stem}): Fashion-MNIST comes from "
         "Debian's dataset-fashion-mnist package (/usr/share/datasets/fashion-mnist) or the "
         "four idx files of the Fashion-MNIST release")
 
 
+def check(config) -> None:
+    """The folder of ``config.resolved_data_dir()`` holds the four idx files (not read)."""
+    data_dir = config.resolved_data_dir()
+    _require_folder(data_dir)
+    for stems in FILES.values():
+        for stem in stems:
+            _path(data_dir, stem)
+
+
 def _read_idx(data_dir: str, stem: str, magic: int, ndim: int) -> np.ndarray:
-    path, f = _open(data_dir, stem)
-    with f:
+    path = _path(data_dir, stem)
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         try:
             raw = f.read()
         except (OSError, EOFError) as e:
@@ -55,11 +72,7 @@ def _read_idx(data_dir: str, stem: str, magic: int, ndim: int) -> np.ndarray:
 
 def load(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """``(images uint8 [N, 28, 28, 1], labels int32 [N])`` of ``split`` ('train' or 'test')."""
-    if not os.path.isdir(data_dir):
-        raise FileNotFoundError(
-            f"--data_dir={data_dir!r} is not a directory. Install Fashion-MNIST with "
-            "`apt-get install dataset-fashion-mnist` or point --data_dir (or "
-            "$LARS_TF_DATA_DIR) at a folder with its four idx files")
+    _require_folder(data_dir)
     image_stem, label_stem = FILES[split]
     images = _read_idx(data_dir, image_stem, 0x803, 3)
     labels = _read_idx(data_dir, label_stem, 0x801, 1)
@@ -173,4 +186,4 @@ def _datasets(train, test_images, test_labels, shard: Shard, steps, train_exampl
     )
 
 
-SOURCE = Source("fashion_mnist", build, build_elastic=build_elastic)
+SOURCE = Source("fashion_mnist", build, build_elastic=build_elastic, check=check)

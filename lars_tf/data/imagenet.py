@@ -197,15 +197,19 @@ def log_sharding(rank: int, files: int, size: int, split: str) -> None:
         logging.info("%s: %d files over %d ranks, sharded at the %s", split, files, size, how)
 
 
+def check(config) -> tuple[list[str], list[str]]:
+    """``(train files, validation files)`` of ``config.data_dir``: the flag given, and shards
+    of both splits there (nothing read yet)."""
+    if not config.data_dir:
+        raise ValueError("--dataset=imagenet needs --data_dir (a folder of train-* and "
+                         "validation-* TFRecord shards)")
+    return split_files(config.data_dir, "train"), split_files(config.data_dir, "validation")
+
+
 def open_shards(config, rank: int) -> tuple[list[str], list[str], dict, dict[str, str]]:
     """``(train files, validation files, trusted, untrusted)`` of ``config.data_dir``, every
     check that can run before training done (indexes, label ranges, class lists)."""
-    data_dir = config.data_dir
-    if not data_dir:
-        raise ValueError("--dataset=imagenet needs --data_dir (a folder of train-* and "
-                         "validation-* TFRecord shards)")
-    files = split_files(data_dir, "train")
-    eval_files = split_files(data_dir, "validation")
+    files, eval_files = check(config)
     trusted, untrusted = read_indexes(files + eval_files)
     log_untrusted(rank, untrusted, len(files + eval_files))
     check_index_labels(trusted, config.num_classes, config.label_offset)
@@ -375,4 +379,4 @@ def build_elastic(config, shard: Shard) -> pipeline.Datasets:
                              uint8_pixels=config.normalize_on_device)
 
 
-SOURCE = Source("imagenet", build, build_elastic=build_elastic)
+SOURCE = Source("imagenet", build, build_elastic=build_elastic, check=check)

@@ -43,13 +43,17 @@ class Source:
     """A data source: ``build(config, shard)`` for a job of fixed ranks; ``build_elastic``
     (the same signature) for ``--elastic``, whose epochs it can re-cut over any number of
     ranks from any update (``lars_tf.data.elastic``), or None; ``prepare(config)``: one-time
-    work on one rank before any reads, or None. ``prefix``: ``name`` is a prefix
-    (``tfds:`` takes ``tfds:NAME``)."""
+    work on one rank before any reads, or None; ``check(config)``: where the data should be
+    (flags given, folders and files there), checked without reading it, raising
+    ``ValueError`` or ``FileNotFoundError`` that names the flag; lars-train runs it before
+    Horovod starts, or None. ``prefix``: ``name`` is a prefix (``tfds:`` takes
+    ``tfds:NAME``)."""
 
     name: str
     build: Callable[..., Datasets]
     build_elastic: Callable[..., Datasets] | None = None
     prepare: Callable[..., None] | None = None
+    check: Callable[..., None] | None = None
     prefix: bool = False
 
     def matches(self, dataset: str) -> bool:

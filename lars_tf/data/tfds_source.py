@@ -20,12 +20,17 @@ def name_of(dataset: str) -> str:
     return dataset[len(PREFIX):]
 
 
+def check(config) -> None:
+    """``--data_dir`` given (the tfds data folder; tensorflow-datasets is not imported)."""
+    if not config.data_dir:
+        raise ValueError(f"--dataset={config.dataset} needs --data_dir (the tfds data folder)")
+
+
 def get_builder(config):
     import tensorflow_datasets as tfds
 
     name = name_of(config.dataset)
-    if not config.data_dir:
-        raise ValueError(f"--dataset={config.dataset} needs --data_dir (the tfds data folder)")
+    check(config)
     try:
         return tfds.builder(name, data_dir=config.data_dir)
     except tfds.core.registered.DatasetNotFoundError:
@@ -120,4 +125,4 @@ def build(config, shard: Shard) -> pipeline.Datasets:
                              uint8_pixels=config.normalize_on_device)
 
 
-SOURCE = Source(PREFIX, build, prepare=prepare, prefix=True)
+SOURCE = Source(PREFIX, build, prepare=prepare, check=check, prefix=True)
