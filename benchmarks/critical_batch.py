@@ -40,8 +40,10 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,7 +53,8 @@ from benchmarks import common
 from lars_tf import testing
 
 flags.DEFINE_bool("quick", False, "CI smoke run of the pipeline: the MLP, batches 256 and "
-                  "2048, 2 rates x 1 warmup, 2 epochs, one seed, target 0.75.")
+                  "2048, 2 rates x 1 warmup, 2 epochs, one seed, target 0.75; its trials go to a "
+                  "temporary folder, removed when the check passes (unless --workdir is given).")
 flags.DEFINE_string("model", "small_cnn", "Registered model.")
 flags.DEFINE_integer("epochs", 40, "Epoch budget of every trial.")
 flags.DEFINE_list("batches", ["128", "512", "2048", "8192", "16384"], "Global batches.")
@@ -159,12 +162,14 @@ def best(rows: list[dict], key: str, lower: bool = False) -> dict | None:
 
 def main(argv):
     del argv
+    scratch = None
     if FLAGS.quick:
         FLAGS.model, FLAGS.epochs, FLAGS.batches = "mlp", 2, ["256", "2048"]
         FLAGS.lr_factors, FLAGS.warmups, FLAGS.seeds = ["0.5", "2"], ["0.5"], 1
         FLAGS.target, FLAGS.max_pass_batch, FLAGS.write = 0.75, 1024, False
-        if FLAGS.workdir == flags.FLAGS["workdir"].default:
-            FLAGS.workdir = str(Path("/tmp") / f"lars_tf_critical_batch_quick_{os.getpid()}")
+        if FLAGS.workdir == flags.FLAGS["workdir"].default:  # removed if the check passes
+            FLAGS.workdir = tempfile.mkdtemp(prefix="lars_tf_critical_batch_quick_")
+            scratch = FLAGS.workdir
     out = Path(FLAGS.out) if not FLAGS.quick else Path(FLAGS.workdir) / "critical_batch.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(FLAGS.workdir)
@@ -190,7 +195,9 @@ def main(argv):
         out.write_text(json.dumps(raw, indent=1))
     report(json.loads(out.read_text()), out)
     if FLAGS.quick:
-        check_quick(json.loads(out.read_text()), out)
+        check_quick(json.loads(out.read_text()), out)  # raises, keeping the trials, if not
+        if scratch:
+            shutil.rmtree(scratch)
 
 
 def check_quick(raw: dict, out: Path) -> None:
@@ -211,7 +218,8 @@ def check_quick(raw: dict, out: Path) -> None:
     if not out.with_suffix(".png").exists():
         problems.append("no plot")
     if problems:
-        raise SystemExit("critical_batch --quick: " + "; ".join(problems))
+        raise SystemExit("critical_batch --quick: " + "; ".join(problems)
+                         + f" (the trials are in {out.parent})")
     print(f"critical_batch --quick: {len(raw['tuning'])} trials, {len(found)} cells, "
           f"{raw['total_sec']:.0f} s: the pipeline works")
 
