@@ -59,6 +59,7 @@ bench: setup
 	python -m pip install -q -c $(CONSTRAINTS) matplotlib
 	python -m benchmarks.lars_overhead
 	python -m benchmarks.onednn
+	python -m benchmarks.xla
 	LARS_TF_STACK=keras2 $(MAKE) setup   # benchmarks.stacks measures both stacks
 	python -m benchmarks.stacks
 	python -m benchmarks.input_pipeline
