@@ -41,31 +41,47 @@ print("RESULT", os.environ.get("TF_ENABLE_ONEDNN_OPTS"), distributed.onednn_enab
 """
 
 
-def _onednn(order: str, env: str | None) -> tuple[str, str]:
+def _onednn(*cases: tuple[str, str | None]) -> list[tuple[str, str]]:
+    """(RESULT line, stderr) of the script above for each (import order, the environment's
+    TF_ENABLE_ONEDNN_OPTS or None), the processes run side by side."""
     import subprocess
     import sys
 
     from lars_tf.testing import job_env
 
-    environ = {k: v for k, v in job_env().items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    if env is not None:
-        environ["TF_ENABLE_ONEDNN_OPTS"] = env
-    proc = subprocess.run([sys.executable, "-c", _ONEDNN, order], env=environ, text=True,
-                          capture_output=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    [result] = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
-    return result, proc.stderr
+    procs = []
+    for order, env in cases:
+        environ = {k: v for k, v in job_env().items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+        if env is not None:
+            environ["TF_ENABLE_ONEDNN_OPTS"] = env
+        procs.append(subprocess.Popen([sys.executable, "-c", _ONEDNN, order], env=environ,
+                                      text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE))
+    found = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, err[-3000:]
+            [result] = [line for line in out.splitlines() if line.startswith("RESULT")]
+            found.append((result, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return found
 
 
 @pytest.mark.multiprocess
 def test_onednn_is_on_unless_the_user_said_no():
+    (tf_default, _), (first, _), (first_no, _), (late, stderr) = _onednn(
+        ("tf-alone", None), ("lars_tf-first", None), ("lars_tf-first", "0"),
+        ("tf-first", None))
     # TensorFlow alone turns oneDNN on only on CPUs with AVX-512 VNNI or newer
-    tf_default, _ = _onednn("tf-alone", None)
     tf_default = tf_default.split()[1]
     # lars_tf imported first turns it on, never over the user's choice
-    assert _onednn("lars_tf-first", None)[0] == "RESULT 1 True"
-    assert _onednn("lars_tf-first", "0")[0] == "RESULT 0 False"
+    assert first == "RESULT 1 True"
+    assert first_no == "RESULT 0 False"
     # imported after TensorFlow it is too late: lars_tf changes nothing and says so if off
-    result, stderr = _onednn("tf-first", None)
-    assert result == f"RESULT None {tf_default}"
+    assert late == f"RESULT None {tf_default}"
     assert ("oneDNN CPU kernels are off" in stderr) == (tf_default == "False")
