@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from lars_tf.testing import BIN, REPO, job_env, launcher, rank_pids, run_job
+from tests.cli_checks import refusal
 from tests.test_trainer import _checkpoint_tensors
 
 RUN = ["--model=mlp", "--epochs=3", "--warmup_epochs=0.5", "--global_batch_size=1024",
@@ -273,20 +274,36 @@ def _damaged_shards(root):
     return root
 
 
-BAD_INPUT = [  # (flags, launcher, exit code, message)
-    (["--global_batch_size=-8"], None, 2, "--global_batch_size=-8: must be an integer >= 1"),
+BEFORE_START = [  # (flags, message): refused before Horovod starts
+    (["--global_batch_size=-8"], "--global_batch_size=-8: must be an integer >= 1"),
+    (["--model=resnet51"], "--model='resnet51': unknown model"),
+    (["--dataset=imagenet", "--data_dir=/no/such/imagenet"],
+     "--data_dir='/no/such/imagenet' is not a directory"),
+    (["--checkpoint_every=-1"], "--checkpoint_every=-1"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BEFORE_START,
+                         ids=[" ".join(b[0]) for b in BEFORE_START])
+def test_bad_flags_leave_checkpoints_untouched(flags, message, model_dir_with_checkpoints):
+    """Refused in this process, as lars-train refuses them (tests/cli_checks.py), with the
+    --resume of a model directory that holds checkpoints: they stay byte for byte."""
+    before = _tree_digest(model_dir_with_checkpoints)
+    code, said = refusal(["--model=mlp", f"--model_dir={model_dir_with_checkpoints}",
+                          "--resume", "--noprogress_bar", *flags])
+    assert code == 2 and message in said, (code, said)
+    assert _tree_digest(model_dir_with_checkpoints) == before
+
+
+BAD_INPUT = [  # (flags, launcher, exit code, message): refused once the job has started
     (["--global_batch_size=1000", "--backward_passes_per_step=3"], "gloo", 2,
      "--global_batch_size=1000 is not divisible by the 2 ranks x --backward_passes_per_step=3"),
-    (["--model=resnet51"], None, 2, "--model='resnet51': unknown model"),
-    (["--dataset=imagenet", "--data_dir=/no/such/imagenet"], None, 2,
-     "--data_dir='/no/such/imagenet' is not a directory"),
     (["--dataset=imagenet", "--data_dir={shards}", "--strict_data"], None, 3,
      "train-00000-of-00001"),
     (["--dataset=imagenet", "--data_dir={damaged}", "--strict_data", "--num_classes=2"], None,
      3, "train-00000-of-00001: damaged or truncated TFRecord file, readable up to byte offset"),
     (["--dataset=imagenet", "--data_dir={damaged}", "--strict_data", "--num_classes=2"],
      "gloo", 3, "train-00000-of-00001: damaged or truncated TFRecord file"),
-    (["--checkpoint_every=-1"], None, 2, "--checkpoint_every=-1"),
     (["--corrupt_latest"], None, 2, "checkpoints/epoch-000002 cannot be restored"),
 ]
 
