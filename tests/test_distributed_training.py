@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lars_tf import keras_compat
-from lars_tf.testing import launcher, run_job
+from lars_tf.testing import launcher, run_job, run_jobs
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.legacy]
 
@@ -89,18 +89,16 @@ def test_ranks_draw_different_dropout_masks_and_a_resumed_run_repeats_them(tmp_p
     the run that went straight through (before, the resumed run restarted every layer's
     generator, so its masks and weights differed). On Keras 2 the layers draw through
     stateful ops that no checkpoint holds: there a plain rerun repeats them."""
-    def run(out, *part):
+    def job(out, *part):
         out.mkdir(exist_ok=True)
-        run_job(launcher("gloo") + ["python", "tests/workers/dropout_masks.py", str(out),
-                                    *part], timeout=240)
+        return launcher("gloo") + ["python", "tests/workers/dropout_masks.py", str(out), *part]
 
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run(straight)
     if keras_compat.KERAS3:
-        run(split, "stop")
-        run(split, "resume")
+        run_jobs(job(straight), job(split, "stop"), timeout=240)
+        run_job(job(split, "resume"), timeout=240)
     else:
-        run(split)
+        run_jobs(job(straight), job(split), timeout=240)
     for rank in range(2):
         masks = [np.load(out / f"kept_rank{rank}.npy") for out in (straight, split)]
         np.testing.assert_array_equal(masks[1], masks[0])

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from lars_tf import TrainConfig, build
-from lars_tf.testing import BIN, job_env, launcher, run_job
+from lars_tf.testing import BIN, job_env, launcher, run_job, run_jobs
 from tests.cli_checks import refusal
 
 SHORT = ["--model=small_cnn", "--global_batch_size=4096", "--epochs=2", "--learning_rate=3.0",
@@ -20,9 +20,12 @@ SHORT = ["--model=small_cnn", "--global_batch_size=4096", "--epochs=2", "--learn
          "--noprogress_bar"]
 
 
+def _job(model_dir, *flags):
+    return launcher("gloo") + ["lars-train", f"--model_dir={model_dir}", *SHORT, *flags]
+
+
 def _train(model_dir, *flags, timeout=600):
-    return run_job(launcher("gloo") + ["lars-train", f"--model_dir={model_dir}", *SHORT,
-                                       *flags], timeout=timeout)
+    return run_job(_job(model_dir, *flags), timeout=timeout)
 
 
 def _checkpoint_tensors(model_dir):
@@ -39,8 +42,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     # this shape stopped repeating each other (#16); at 4096 they happened not to
     shape = ["--global_batch_size=1024", "--train_examples=10240"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    _train(straight, *shape, "--target_accuracy=0.6")
-    _train(split, *shape, "--stop_after_epoch=1")
+    run_jobs(_job(straight, *shape, "--target_accuracy=0.6"),
+             _job(split, *shape, "--stop_after_epoch=1"))
     stopped = json.loads((split / "summary.json").read_text())
     assert stopped["epochs_done"] == 1 and len(stopped["history"]) == 1
     _train(split, *shape, "--resume")
