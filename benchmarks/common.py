@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,6 +82,16 @@ def _train_step(name: str):
     for _ in range(2):  # trace and warm up
         model.train_on_batch(x, y)
     return model, x, y, steps
+
+
+def paired_cells(name: str, batch: int, a: list[dict], b: list[dict]) -> tuple[float, str]:
+    """Rounds of ``name``'s training step under two settings (``a[i]`` and ``b[i]`` taken in
+    round i): b's images/sec over a's (the median of the per-round ratios), and the first
+    four cells of its table row (model, a's and b's median images/sec, the ratio)."""
+    ratio = statistics.median(y["images_per_sec"] / x["images_per_sec"] for x, y in zip(a, b))
+    return ratio, (f"| {name} ({batch}) | "
+                   f"{statistics.median(x['images_per_sec'] for x in a):.1f} | "
+                   f"{statistics.median(x['images_per_sec'] for x in b):.1f} | {ratio:.2f}x | ")
 
 
 def train_step_rate(name: str) -> dict:

@@ -12,7 +12,6 @@ on random images (one process using all cores: the kernels, not Horovod, are mea
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 
@@ -56,13 +55,9 @@ def main(argv):
     ratios = {}
     for name, _, batch, _ in common.TRAIN_STEP_MODELS:
         off, on = results[name]["0"], results[name]["1"]
-        ratios[name] = statistics.median(b["images_per_sec"] / a["images_per_sec"]
-                                         for a, b in zip(off, on))
-        rows.append(
-            f"| {name} ({batch}) | {statistics.median(x['images_per_sec'] for x in off):.1f} | "
-            f"{statistics.median(x['images_per_sec'] for x in on):.1f} | "
-            f"{ratios[name]:.2f}x | {max(x['peak_rss_mb'] for x in off):.0f} / "
-            f"{max(x['peak_rss_mb'] for x in on):.0f} |")
+        ratios[name], cells = common.paired_cells(name, batch, off, on)
+        rows.append(cells + f"{max(x['peak_rss_mb'] for x in off):.0f} / "
+                    f"{max(x['peak_rss_mb'] for x in on):.0f} |")
     common.report(
         "onednn", "oneDNN CPU kernels (`benchmarks/onednn.py`)",
         "Training steps (forward, backward, lars_tf.LARS update) on random images, one "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -103,13 +102,9 @@ def main(argv):
     ratios = {}
     for name, _, batch, _ in common.TRAIN_STEP_MODELS:
         old, new = results[name]["keras2"], results[name]["keras3"]
-        ratios[name] = statistics.median(b["images_per_sec"] / a["images_per_sec"]
-                                         for a, b in zip(old, new))
-        rows.append(
-            f"| {name} ({batch}) | {statistics.median(x['images_per_sec'] for x in old):.1f} | "
-            f"{statistics.median(x['images_per_sec'] for x in new):.1f} | {ratios[name]:.2f}x | "
-            f"{max(x['peak_rss_mb'] for x in old):.0f} / "
-            f"{max(x['peak_rss_mb'] for x in new):.0f} |")
+        ratios[name], cells = common.paired_cells(name, batch, old, new)
+        rows.append(cells + f"{max(x['peak_rss_mb'] for x in old):.0f} / "
+                    f"{max(x['peak_rss_mb'] for x in new):.0f} |")
     profiles = {}
     if FLAGS.profile_steps:
         for name, *_ in common.TRAIN_STEP_MODELS:

@@ -88,13 +88,9 @@ def main(argv):
     ratios = {}
     for name, _, batch, _ in common.TRAIN_STEP_MODELS:
         off, on = results[name]["off"], results[name]["xla"]
-        ratios[name] = statistics.median(b["images_per_sec"] / a["images_per_sec"]
-                                         for a, b in zip(off, on))
-        rows.append(
-            f"| {name} ({batch}) | {statistics.median(x['images_per_sec'] for x in off):.1f} | "
-            f"{statistics.median(x['images_per_sec'] for x in on):.1f} | {ratios[name]:.2f}x | "
-            f"{statistics.median(x['first_sec'] for x in off):.1f} / "
-            f"{statistics.median(x['first_sec'] for x in on):.1f} |")
+        ratios[name], cells = common.paired_cells(name, batch, off, on)
+        rows.append(cells + f"{statistics.median(x['first_sec'] for x in off):.1f} / "
+                    f"{statistics.median(x['first_sec'] for x in on):.1f} |")
     verdict = ("XLA wins on this CPU for " + ", ".join(n for n in ratios if ratios[n] > 1.0)
                if any(v > 1.0 for v in ratios.values()) else
                "XLA loses on this CPU for every model")
