@@ -154,6 +154,36 @@ def test_the_data_of_every_elastic_epoch_shares_one_copy_of_the_training_set():
     assert rss_mb() - first < 3 * 47, f"{rss_mb() - first:.0f} MB more after 7 epochs"
 
 
+def test_commits_never_leave_an_epoch_with_no_update_left(monkeypatch):
+    """Commits every 3 updates of an epoch of 6 (a fit of 6 steps): after updates 3 and
+    then only at the epoch's end, never after update 6 before it. A rank lost in epoch 2's
+    evaluation (after update 30 of 30, commits every 3) rolled the job back to "update 30",
+    which no data can start from, and every rank stopped (seen in a fresh clone's suite)."""
+    from lars_tf import elastic as elastic_lib
+
+    monkeypatch.setattr(elastic_lib.distributed, "allreduce_sum",
+                        lambda values, name: np.asarray(values, dtype=np.float64))
+    commits = []
+
+    class State:
+        epoch, update, examples = 0, 0, 0
+
+        def commit(self):
+            commits.append((self.epoch, self.update))
+
+    state = State()
+    commit, end = elastic_lib.CommitState(state, every=3, batch=4), elastic_lib.EndEpoch(state)
+    for callback in (commit, end):
+        callback.set_params({"steps": 6, "epochs": 1})
+    for batch in range(6):
+        commit.on_train_batch_end(batch)
+    logs = {}
+    commit.on_epoch_end(0, logs)
+    end.on_epoch_end(0, logs)
+    assert commits == [(0, 3), (1, 0)]
+    assert logs["examples"] == 24.0
+
+
 def test_a_partial_batch_split_is_reported_per_rank():
     config = TrainConfig(elastic=True, global_batch_size=100)
     assert [config.per_rank_batch_size(3, r) for r in range(3)] == [34, 33, 33]
