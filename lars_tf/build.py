@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from lars_tf import models, optimizer_builders
 from lars_tf import precision as precision_lib
-from lars_tf.config import TrainConfig
+from lars_tf.config import BUCKET_MB, TrainConfig
 from lars_tf.data import preprocessing
 from lars_tf.distributed_optimizer import DistributedOptimizer
 from lars_tf.schedules import WarmupPolynomialDecay
@@ -47,6 +47,7 @@ def wrap_optimizer(
     gradient_predivide_factor: float = 1.0,
     sparse_as_dense: bool | None = None,
     noise_scale_every: int = 0,
+    bucket_mb: float = BUCKET_MB,
 ) -> tf.keras.optimizers.Optimizer:
     """The distributed optimizer stack around a local optimizer (LARS), the same on both
     stacks: one optimizer that all-reduces and, for mixed_float16, scales the loss around
@@ -72,6 +73,7 @@ def wrap_optimizer(
     default) turns it on exactly when accumulation or a predivide factor is used, which
     need dense tensors; otherwise sparse gradients are all-gathered, as Horovod does.
     ``noise_scale_every``: measure the gradient noise scale on every N-th update (0: off).
+    ``bucket_mb``: the size of the all-reduce's buckets (0: one op per gradient).
     """
     return DistributedOptimizer(
         optimizer,
@@ -80,7 +82,7 @@ def wrap_optimizer(
         gradient_predivide_factor=gradient_predivide_factor,
         sparse_as_dense=sparse_as_dense,
         loss_scale="dynamic" if precision_lib.needs_loss_scaling(precision) else "none",
-        noise_scale_every=noise_scale_every)
+        noise_scale_every=noise_scale_every, bucket_mb=bucket_mb)
 
 
 def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> tf.keras.optimizers.Optimizer:
@@ -97,6 +99,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int) -> tf.keras.optim
         gradient_predivide_factor=config.gradient_predivide_factor,
         sparse_as_dense=True if config.sparse_as_dense else None,
         noise_scale_every=config.noise_scale_every,
+        bucket_mb=config.bucket_mb,
     )
 
 

@@ -95,6 +95,10 @@ flags.DEFINE_bool("sparse_as_dense", _D.sparse_as_dense,
                   "All-reduce sparse gradients (Embedding layers) as dense tensors. Always on "
                   "with --backward_passes_per_step > 1 or --gradient_predivide_factor != 1, "
                   "which Horovod cannot apply to sparse gradients.")
+flags.DEFINE_float("bucket_mb", _D.bucket_mb,
+                   "All-reduce gradients in buckets of about this many MiB, the last layers' "
+                   "first, each starting as soon as the backward pass has its gradients (0: "
+                   "one all-reduce per gradient).")
 flags.DEFINE_integer("max_skipped_updates", _D.max_skipped_updates,
                      "mixed_float16: stop (exit 4) when this many consecutive weight updates "
                      "were skipped for non-finite gradients at the minimum loss scale, "

@@ -10,6 +10,10 @@ from lars_tf import optimizer_builders
 from lars_tf.presets import preset
 from lars_tf.validation import check_number
 
+# Gradients are all-reduced in buckets of about this many MiB, the last layers' first
+# (lars_tf.DistributedOptimizer's default; see its ``allreduce``).
+BUCKET_MB = 4.0
+
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DATA_DIR_ENV = "LARS_TF_DATA_DIR"
 
@@ -61,6 +65,7 @@ class TrainConfig:
     backward_passes_per_step: int = 1
     gradient_predivide_factor: float = 1.0
     sparse_as_dense: bool = False
+    bucket_mb: float = BUCKET_MB
     max_skipped_updates: int = 100
     noise_scale_every: int = 0
     elastic: bool = False
@@ -139,6 +144,7 @@ class TrainConfig:
         check_number("--gradient_predivide_factor", self.gradient_predivide_factor, lo=0.0,
                      lo_open=True)
         check_number("--noise_scale_every", self.noise_scale_every, lo=0, integer=True)
+        check_number("--bucket_mb", self.bucket_mb, lo=0.0)
         check_number("--elastic_commit_every", self.elastic_commit_every, lo=1, integer=True)
         if self.elastic:
             from lars_tf import data

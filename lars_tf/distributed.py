@@ -191,6 +191,17 @@ def allreduce_gradient(tensor: tf.Tensor, prescale_factor: float = 1.0,
                             postscale_factor=postscale_factor)
 
 
+def grouped_allreduce_gradients(tensors: list, prescale_factor: float = 1.0,
+                                postscale_factor: float = 1.0) -> list:
+    """The sums over ranks of ``tensors`` (one dtype), scaled as in ``allreduce_gradient``:
+    one Horovod op for the group, which starts once all of them exist, and whose tensors
+    Horovod all-reduces together (one negotiation, one fused buffer)."""
+    if len(tensors) == 1:
+        return [allreduce_gradient(tensors[0], prescale_factor, postscale_factor)]
+    return hvd_tf.grouped_allreduce(tensors, op=hvd_tf.Sum, prescale_factor=prescale_factor,
+                                    postscale_factor=postscale_factor)
+
+
 def allreduce_sparse(grad: tf.IndexedSlices, average: bool = True) -> tf.IndexedSlices:
     """Every rank's sparse gradient rows, gathered (divided by the ranks for the mean)."""
     return hvd_tf.allreduce(grad, op=hvd_tf.Average if average else hvd_tf.Sum)

@@ -4,9 +4,10 @@ dynamic loss scaling around the all-reduce.
 
 Horovod 0.28.1's own ``hvd.DistributedOptimizer`` is written for Keras 2: wrapped around a
 Keras 3 optimizer it raises nothing and all-reduces nothing (the ranks drift apart). This
-class does the all-reduce itself, one Horovod all-reduce op per gradient, so tensor fusion, the
-cycle time, the response cache, the timeline, autotune and the launchers' settings all
-apply as they do to Horovod's own optimizer. The same class serves both stacks: what is
+class does the all-reduce itself with Horovod's ops (in buckets, the last layers' first, each
+started as soon as its gradients exist), so tensor fusion, the cycle time, the response cache,
+the timeline, autotune and the launchers' settings all apply as they do to Horovod's own
+optimizer. The same class serves both stacks: what is
 Keras' protocol (``apply`` on Keras 3, ``minimize``/``apply_gradients`` on Keras 2) comes
 from ``keras_compat.DistributedOptimizerBase``; everything here is written once.
 
@@ -34,6 +35,7 @@ from tensorflow.python.framework import ops as tf_ops
 from tensorflow.python.ops import control_flow_util
 
 from lars_tf import keras_compat, precision
+from lars_tf.config import BUCKET_MB
 
 # lars_tf.distributed (Horovod) is imported where the optimizer runs, not here: `import
 # lars_tf` registers this class for loading saved models without loading Horovod.
@@ -107,6 +109,9 @@ class DistributedOptimizer(keras_compat.DistributedOptimizerBase):
         noise_scale_every: ``N > 0``: measure the gradient noise scale on every N-th update
             (see ``noise_scale_stats``; 0, the default, measures nothing). It needs more
             than one gradient per update: 2+ ranks, or ``backward_passes_per_step > 1``.
+        bucket_mb: dense gradients are all-reduced in buckets of about this many MiB, the
+            last layers' first, each starting once its gradients exist (see ``allreduce``);
+            0: one all-reduce op per gradient.
 
     The gradient noise scale (McCandlish et al. 2018, "An Empirical Model of Large-Batch
     Training", Appendix A) from what the update computes anyway: each backward pass's
@@ -149,7 +154,8 @@ class DistributedOptimizer(keras_compat.DistributedOptimizerBase):
                  gradient_predivide_factor: float = 1.0, sparse_as_dense: bool | None = None,
                  average: bool = True, loss_scale: str = "auto",
                  initial_scale: float = 2.0 ** 15, dynamic_growth_steps: int = 2000,
-                 noise_scale_every: int = 0, name: str | None = None, **kwargs):
+                 noise_scale_every: int = 0, bucket_mb: float = BUCKET_MB,
+                 name: str | None = None, **kwargs):
         check_not_horovod_wrapped(optimizer, "lars_tf.DistributedOptimizer")
         if not isinstance(optimizer, tf.keras.optimizers.Optimizer):
             raise ValueError(f"lars_tf.DistributedOptimizer wraps a Keras optimizer "
@@ -172,6 +178,9 @@ class DistributedOptimizer(keras_compat.DistributedOptimizerBase):
         if not gradient_predivide_factor > 0:
             raise ValueError(
                 f"--gradient_predivide_factor={gradient_predivide_factor}: must be > 0")
+        if not bucket_mb >= 0:
+            raise ValueError(f"--bucket_mb={bucket_mb}: must be >= 0 (0: one all-reduce op "
+                             "per gradient)")
         if loss_scale not in LOSS_SCALES:
             raise ValueError(f"loss_scale={loss_scale!r}: must be one of {LOSS_SCALES}")
         if int(noise_scale_every) != noise_scale_every or noise_scale_every < 0:
@@ -201,6 +210,7 @@ class DistributedOptimizer(keras_compat.DistributedOptimizerBase):
         self.initial_scale = float(initial_scale)
         self.dynamic_growth_steps = int(dynamic_growth_steps)
         self.noise_scale_every = int(noise_scale_every)
+        self.bucket_mb = float(bucket_mb)
         # An elastic job's ranks read unequal slices of the global batch: this rank's mean
         # gradient weighs count * ranks / global batch in the mean (lars_tf.data.elastic).
         # Read when the training step is traced (an elastic reset traces it again).
@@ -221,13 +231,18 @@ class DistributedOptimizer(keras_compat.DistributedOptimizerBase):
         """Every rank's gradients combined (mean or sum); ``None`` stays ``None``. In a
         world of one, the gradients as given.
 
-        One all-reduce op per dense gradient: in the training step's graph each starts as
-        soon as its gradient exists, while the backward pass goes on (the last layers'
-        gradients first), and Horovod's background thread fuses the ones that are ready
-        together (``HOROVOD_FUSION_THRESHOLD``, ``HOROVOD_CYCLE_TIME``). Each keeps its
-        dtype on the wire (so float32 and float64 gradients mix), except bfloat16, which
-        Horovod's op does not take: it is sent as float32 (float16 with ``compression=
-        "fp16"``), as are float32 gradients under compression."""
+        Dense gradients go in buckets of about ``bucket_mb`` MiB, taken in reverse order
+        (the backward pass computes the last layers' gradients first), one Horovod group
+        all-reduce per bucket: in the training step's graph a bucket starts as soon as its
+        last gradient exists, while the backward pass goes on, and Horovod all-reduces its
+        tensors together (one negotiation, one fused buffer). Horovod's background thread
+        also fuses buckets that are ready at the same time (``HOROVOD_FUSION_THRESHOLD``,
+        ``HOROVOD_CYCLE_TIME``). With ``bucket_mb=0`` every gradient is an op of its own.
+        A bucket holds one dtype, and each gradient keeps its dtype on the wire (so
+        float32 and float64 gradients mix), except bfloat16, which Horovod's op does not
+        take: it is sent as float32 (float16 with ``compression="fp16"``), as are float32
+        gradients under compression.
+        """
         from lars_tf import distributed
 
         if not distributed.is_initialized():
@@ -237,23 +252,28 @@ class DistributedOptimizer(keras_compat.DistributedOptimizerBase):
         prescale, postscale = 1.0 / f, (f / size if self.average else f)
         # Horovod wants the same scale factors on every rank: an unequal share is a multiply
         share = self.batch_share
-        out = []
-        for g in grads:
+        out: list = [None] * len(grads)
+        dense = []  # (position, tensor as it crosses the wire, its dtype)
+        for i, g in enumerate(grads):
             if g is None:
-                out.append(None)
-            elif isinstance(g, tf.IndexedSlices):  # all-gathered: exact, nothing summed
+                continue
+            if isinstance(g, tf.IndexedSlices):  # all-gathered: exact, nothing summed
                 if share != 1.0:
                     g = tf.IndexedSlices(g.values * tf.cast(share, g.values.dtype),
                                          g.indices, g.dense_shape)
-                out.append(distributed.allreduce_sparse(g, average=self.average))
-            else:
-                g = tf.convert_to_tensor(g)
-                if share != 1.0:
-                    g = g * tf.cast(share, g.dtype)
-                wire = _WIRE_DTYPES[self.compression].get(g.dtype, g.dtype)
-                reduced = distributed.allreduce_gradient(
-                    tf.cast(g, wire), prescale_factor=prescale, postscale_factor=postscale)
-                out.append(tf.cast(reduced, g.dtype))
+                out[i] = distributed.allreduce_sparse(g, average=self.average)
+                continue
+            g = tf.convert_to_tensor(g)
+            if share != 1.0:
+                g = g * tf.cast(share, g.dtype)
+            wire = _WIRE_DTYPES[self.compression].get(g.dtype, g.dtype)
+            dense.append((i, tf.cast(g, wire), g.dtype))
+        for bucket in buckets(dense, int(self.bucket_mb * 2 ** 20)):
+            reduced = distributed.grouped_allreduce_gradients(
+                [t for _, t, _ in bucket], prescale_factor=prescale,
+                postscale_factor=postscale)
+            for (i, _, dtype), r in zip(bucket, reduced):
+                out[i] = tf.cast(r, dtype)
         return out
 
     # -- what both stacks' protocols call ------------------------------------------------
@@ -473,6 +493,7 @@ class DistributedOptimizer(keras_compat.DistributedOptimizerBase):
             "initial_scale": self.initial_scale,
             "dynamic_growth_steps": self.dynamic_growth_steps,
             "noise_scale_every": self.noise_scale_every,
+            "bucket_mb": self.bucket_mb,
         }
 
     @classmethod
@@ -481,6 +502,24 @@ class DistributedOptimizer(keras_compat.DistributedOptimizerBase):
         inner = tf.keras.optimizers.deserialize(config.pop("optimizer"),
                                                 custom_objects=custom_objects)
         return cls(inner, **config)
+
+
+def buckets(dense: list, cap_bytes: int) -> list[list]:
+    """``dense``, a list of ``(position, tensor, ...)`` in the order of the model's variables,
+    split into the groups that are all-reduced together: in reverse order (the backward
+    pass computes the last layers' gradients first), one dtype per group (a Horovod group
+    has one), a group closed once it holds ``cap_bytes`` (``0``: every tensor alone). Positions
+    are what orders the groups left open at the end."""
+    done, open_ = [], {}
+    for item in reversed(dense):
+        t = item[1]
+        group = open_.setdefault(t.dtype, [])
+        group.append(item)
+        size = sum(x[1].shape.num_elements() or 0 for x in group) * t.dtype.size
+        if size >= cap_bytes:
+            done.append(open_.pop(t.dtype))
+    # the buckets left open, in the order the backward pass completes them
+    return done + sorted(open_.values(), key=lambda group: -group[-1][0])
 
 
 def _squared_norm(grads: list) -> tf.Tensor:

@@ -69,18 +69,19 @@ def test_keras_optimizers_through_the_distributed_optimizer(optimizer, one_proce
 
 
 @pytest.mark.parametrize("options, reference, tolerance", [
-    (["predivide=2"], [], 1e-5),
+    (["predivide=2", "bucket_mb=0.004"], [], 1e-5),
     (["precision=mixed_float16"], ["precision=mixed_float16"], 1e-2),
-    (["precision=mixed_float16", "fp16_allreduce=1", "predivide=2"],
+    (["precision=mixed_float16", "fp16_allreduce=1", "predivide=2", "bucket_mb=0"],
      ["precision=mixed_float16"], 1e-2),
-], ids=["predivide", "fp16", "fp16-allreduce-predivide"])
+], ids=["predivide-small-buckets", "fp16", "fp16-allreduce-predivide-per-tensor"])
 def test_predivide_and_loss_scaling_keep_the_equivalence(options, reference, tolerance,
                                                          one_process, tmp_path):
     """2 ranks x 2 passes against one process at the same global batch: with
-    gradient_predivide_factor 2 (divide by 2 before the sum, by size/2 after) exactly as
-    fp32; the whole mixed_float16 stack (loss scaling around the all-reduce), with float32
-    or float16 on the wire, within 1% of one process in mixed_float16. (Float16 compute
-    rounds per-pass sums differently from one big batch; the error must also stay far below
+    gradient_predivide_factor 2 (divide by 2 before the sum, by size/2 after) and buckets of
+    4 KiB (2 per update) exactly as fp32; the whole mixed_float16 stack (loss
+    scaling around the all-reduce), with float32 or float16 on the wire (one all-reduce per
+    gradient), within 1% of one process in mixed_float16. (Float16 compute rounds per-pass
+    sums differently from one big batch; the error must also stay far below
     how far training moved each weight.) Float16 on the wire takes the predivide factor:
     without it the float16 sum of the scaled gradients overflows at the initial scale 2^15
     and the loss scaling skips (here 2 of the 5 updates) until the scale is low enough."""

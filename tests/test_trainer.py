@@ -114,6 +114,7 @@ BAD_FLAGS = [  # (flags, what lars-train says)
     (["--target_accuracy=90"], "--target_accuracy=90"),
     (["--stop_after_epoch=40", "--epochs=30"], "--stop_after_epoch=40"),
     (["--backward_passes_per_step=0"], "--backward_passes_per_step=0"),
+    (["--bucket_mb=-1"], "--bucket_mb=-1"),
     (["--data_dir=/nonexistent/fashion"], "--data_dir='/nonexistent/fashion'"),
     (["--data_dir=/tmp"], "--data_dir='/tmp' has no train-images-idx3-ubyte.gz"),
     (["--preset=resnet50-1k"], "--preset"),

@@ -5,7 +5,8 @@
 OPT=V: ``predivide=F`` (gradient_predivide_factor), ``precision=mixed_float16`` (the whole
 stack with dynamic loss scaling), ``fp16_allreduce=1`` (float16 on the wire),
 ``optimizer=sgd|adam`` (Keras' own optimizer instead of LARS; Keras 3 only, through
-lars_tf.DistributedOptimizer).
+lars_tf.DistributedOptimizer), ``bucket_mb=M`` (the all-reduce's buckets; 0: one op per
+gradient).
 
 Update s uses the same global batch of Fashion-MNIST test images whatever the split: rank r's
 pass j takes rows [(r * PASSES + j) * b, ... + b) of it, b = GLOBAL_BATCH / (N * PASSES).
@@ -18,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 import lars_tf
-from lars_tf import LARS, WarmupPolynomialDecay, build, distributed, keras_compat, models
+from lars_tf import LARS, WarmupPolynomialDecay, build, config, distributed, keras_compat, models
 from lars_tf import precision as precision_lib
 from lars_tf.config import TrainConfig
 from lars_tf.data import fashion_mnist
@@ -53,7 +54,8 @@ local = {
 optimizer = build.wrap_optimizer(
     local, backward_passes_per_step=passes, precision=precision,
     gradient_predivide_factor=float(options.get("predivide", 1.0)),
-    fp16_allreduce=options.get("fp16_allreduce") == "1")
+    fp16_allreduce=options.get("fp16_allreduce") == "1",
+    bucket_mb=float(options.get("bucket_mb", config.BUCKET_MB)))
 model.compile(optimizer=optimizer,
               loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
               **keras_compat.compile_options())
