@@ -11,10 +11,11 @@ ranks all-reduce the gradients of variables with ResNet-50 v1.5's 161 trainable 
 (``benchmarks/allreduce_worker.py``, shared with ``cluster_allreduce`` across hosts):
 
 - the step without Horovod (the gradient computation alone, subtracted below);
-- the step with the all-reduce through ``lars_tf.DistributedOptimizer`` (one all-reduce op
-  per gradient), uncompressed (fp32) and with fp16 compression, and the step with
-  Horovod's own ``hvd.DistributedGradientTape`` (fp32), the baseline, side by side in
-  alternating blocks of the same job;
+- the step with the all-reduce through ``lars_tf.DistributedOptimizer`` (in its default
+  buckets), uncompressed (fp32) and with fp16 compression, the same with one all-reduce op
+  per gradient (``bucket_mb=0``, fp32), and the step with Horovod's own
+  ``hvd.DistributedGradientTape`` (fp32), the baseline, side by side in alternating blocks
+  of the same job;
 - a local memory copy of the same bytes, on both ranks at once (numpy ``copyto``), whose
   bandwidth bounds what a ring all-reduce on one machine can do: each rank moves
   2 (p - 1) / p of the gradient bytes, so ``bound = 2 (p - 1) / p * bytes / bandwidth``.
@@ -37,6 +38,7 @@ from absl import app, flags
 
 from benchmarks import allreduce_worker, common
 from lars_tf import testing
+from lars_tf.config import BUCKET_MB
 
 flags.DEFINE_integer("rounds", 3, "Rounds over all settings.")
 flags.DEFINE_integer("steps", 20, "Timed steps per block.")
@@ -81,13 +83,15 @@ def main(argv):
                 results[f"{c}|{label}"].append(res)
                 print(f"[allreduce] round {r + 1} {c:4s} {label:32s} fp32 "
                       f"{1e3 * (res['fp32'] - res['local']):7.1f} ms  fp16 "
-                      f"{1e3 * (res['fp16'] - res['local']):7.1f} ms  Horovod's tape "
+                      f"{1e3 * (res['fp16'] - res['local']):7.1f} ms  per tensor "
+                      f"{1e3 * (res['fp32_per_tensor'] - res['local']):7.1f} ms  Horovod's tape "
                       f"{1e3 * (res['horovod_fp32'] - res['local']):7.1f} ms", flush=True)
         tmp.unlink()
         from lars_tf import keras_compat
 
         raw = {"command": common.command_line(), "machine": common.machine_line(),
                "versions": {"tensorflow": tf.__version__}, "keras3": keras_compat.KERAS3,
+               "bucket_mb": BUCKET_MB,
                "rounds": FLAGS.rounds,
                "steps": FLAGS.steps, "blocks": FLAGS.blocks, "total_sec": time.time() - t0,
                "results": results}
@@ -108,6 +112,15 @@ def _path(raw: dict) -> str:
             else f"`hvd.DistributedGradientTape` ({stack})")
 
 
+def _baseline_field(raw: dict) -> tuple[str, str]:
+    """Which figure of a baseline run is Horovod's own path, and what it is: its tape where
+    the run timed it beside ours, else the run's only all-reduce (older runs)."""
+    stack = "Keras 3" if raw.get("keras3") else "Keras 2"
+    if "horovod_fp32" in next(iter(raw["results"].values()))[0]:
+        return "horovod_fp32", f"`hvd.DistributedGradientTape` ({stack})"
+    return "fp32", _path(raw)
+
+
 def report(raw: dict, out: Path, baseline: dict | None = None) -> None:
 
     results = raw["results"]
@@ -126,13 +139,17 @@ def report(raw: dict, out: Path, baseline: dict | None = None) -> None:
     bound = 2 * (size - 1) / size * n_bytes / copy_bw
     off = allreduce_sec("gloo|fusion off (0), cycle 1 ms", "fp32")
     side = "horovod_fp32" in first  # Horovod's tape timed in the same jobs
+    per_tensor = "fp32_per_tensor" in first  # buckets against one op per gradient
     table = ["| controller | setting | all-reduce fp32 (ms/step) | vs fusion off | fraction "
              "of copy bound | fp16 compression (ms/step) | fp16 vs fp32 | peak RSS/rank "
-             "(MB) |" + (" Horovod's tape fp32 (ms/step) | Horovod's / ours |" if side else "")
+             "(MB) |"
+             + (" one op per gradient fp32 (ms/step) | per gradient / buckets |"
+                if per_tensor else "")
+             + (" Horovod's tape fp32 (ms/step) | Horovod's / ours |" if side else "")
              + (" baseline fp32 (ms/step) | baseline / this |" if baseline else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|---|" if side else "")
-             + ("---|---|" if baseline else "")]
-    ratios, side_ratios = [], []
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if per_tensor else "")
+             + ("---|---|" if side else "") + ("---|---|" if baseline else "")]
+    ratios, side_ratios, bucket_ratios = [], [], []
     rows = []
     for key in results:
         controller, label = key.split("|")
@@ -142,12 +159,17 @@ def report(raw: dict, out: Path, baseline: dict | None = None) -> None:
         rows.append((controller, label, fp32, fp16))
         row = (f"| {controller} | {label} | {1e3 * fp32:.1f} | {off_c / fp32:.2f}x | "
                f"{bound / fp32:.0%} | {1e3 * fp16:.1f} | {fp32 / fp16:.2f}x | {peak:.0f} |")
+        if per_tensor:
+            each = allreduce_sec(key, "fp32_per_tensor")
+            bucket_ratios.append(each / fp32)
+            row += f" {1e3 * each:.1f} | {each / fp32:.2f}x |"
         if side:
             theirs = allreduce_sec(key, "horovod_fp32")
             side_ratios.append(theirs / fp32)
             row += f" {1e3 * theirs:.1f} | {theirs / fp32:.2f}x |"
         if baseline and key in baseline["results"]:
-            then = statistics.median(r["fp32"] - r["local"] for r in baseline["results"][key])
+            field = _baseline_field(baseline)[0]
+            then = statistics.median(r[field] - r["local"] for r in baseline["results"][key])
             ratios.append(then / fp32)
             row += f" {1e3 * then:.1f} | {then / fp32:.2f}x |"
         table.append(row)
@@ -173,7 +195,8 @@ def report(raw: dict, out: Path, baseline: dict | None = None) -> None:
         f"{raw['total_sec'] / 60:.1f} min. Raw "
         f"results: `{os.path.relpath(out, common.RESULTS.parent)}`."
         + (f" Baseline: the run in `{os.path.relpath(FLAGS.baseline, common.RESULTS.parent)}`"
-           f" ({_path(baseline)}, TensorFlow {baseline['versions']['tensorflow']}; its "
+           f" ({_baseline_field(baseline)[1]}, TensorFlow "
+           f"{baseline['versions']['tensorflow']}; its "
            f"command `{baseline['command']}`, machine: {baseline['machine']})."
            if baseline else ""),
         table + ["", f"![all-reduce time per setting]"
@@ -181,6 +204,10 @@ def report(raw: dict, out: Path, baseline: dict | None = None) -> None:
         f"The default preset is {off / default:.2f}x faster than fusion off under Gloo "
         f"({off_mpi / default_mpi:.2f}x under MPI) and reaches {bound / default:.0%} of the "
         f"memory-copy bound (Gloo; {bound / default_mpi:.0%} under MPI)."
+        + (f" In buckets (the default, {raw.get('bucket_mb')} MiB) against one all-reduce op per "
+           f"gradient in the same jobs: {statistics.median(bucket_ratios):.2f}x as fast "
+           f"(median of per gradient / buckets over the rows; {min(bucket_ratios):.2f}x to "
+           f"{max(bucket_ratios):.2f}x)." if bucket_ratios else "")
         + (f" Against Horovod's own `DistributedGradientTape` in the same jobs, ours is "
            f"{statistics.median(side_ratios):.2f}x as fast (median of Horovod's / ours over "
            f"the rows; {min(side_ratios):.2f}x to {max(side_ratios):.2f}x)."

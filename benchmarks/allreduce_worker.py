@@ -4,12 +4,13 @@ process of a job that all-reduces the gradients of real models' variable shapes 
     python -m benchmarks.allreduce_worker --out FILE [--models resnet50,alexnet_bn] [--mpi4py]
 
 Under Horovod (the default): per model, the step without Horovod (the gradient computation
-alone), the step with the all-reduce through ``lars_tf.DistributedOptimizer``'s per-gradient
-all-reduces uncompressed (``fp32``) and with fp16 compression (``fp16``), the same through
-Horovod's own ``hvd.DistributedGradientTape`` (``horovod_fp32``, the baseline), in
-alternating blocks, and a local memory copy of the same bytes on every rank at once. With
-``--mpi4py`` (started by ``mpirun``, no Horovod): mpi4py's ``Allreduce`` of one float32 buffer
-of each model's gradient bytes, the raw-MPI baseline. Rank 0 writes ``{model: figures}``
+alone), the step with the all-reduce through ``lars_tf.DistributedOptimizer`` (its default
+buckets) uncompressed (``fp32``) and with fp16 compression (``fp16``), the same with one
+all-reduce op per gradient (``fp32_per_tensor``, ``bucket_mb=0``), the same through Horovod's
+own ``hvd.DistributedGradientTape`` (``horovod_fp32``, the baseline), in alternating blocks,
+and a local memory copy of the same bytes on every rank at once. With ``--mpi4py`` (started
+by ``mpirun``, no Horovod): mpi4py's ``Allreduce`` of one float32 buffer of each model's
+gradient bytes, the raw-MPI baseline. Rank 0 writes ``{model: figures}``
 (median seconds) to --out.
 """
 
@@ -82,6 +83,8 @@ def _time_horovod(hvd, shapes: list[tuple]) -> dict:
 
     allreducers = {c: lars_tf.DistributedOptimizer(tf.keras.optimizers.SGD(0.0), compression=c)
                    for c in ("none", "fp16")}
+    allreducers["per_tensor"] = lars_tf.DistributedOptimizer(tf.keras.optimizers.SGD(0.0),
+                                                             bucket_mb=0)
 
     def make_step(compression, horovod_tape=False):
         @tf.function
@@ -98,6 +101,7 @@ def _time_horovod(hvd, shapes: list[tuple]) -> dict:
         return step
 
     steps = {"local": make_step(None), "fp32": make_step("none"), "fp16": make_step("fp16"),
+             "fp32_per_tensor": make_step("per_tensor"),
              "horovod_fp32": make_step("none", horovod_tape=True)}
 
     def timed(fn):

@@ -15,9 +15,11 @@ with the same TensorFlow thread settings), blocks alternate between
 
 - the local step: forward, backward and an SGD update of a model of its own, no communication;
 - the distributed step: the same step with the gradients averaged across the p workers (ours:
-  ``DistributedOptimizer(SGD)`` in one ``tf.function``, each gradient all-reduced as soon as it
-  exists; MWMS: ``strategy.run`` of the step, where Keras' optimizer all-reduces the gradients
-  with the strategy's collective ops, ``CommunicationImplementation.RING``).
+  ``DistributedOptimizer(SGD)`` in one ``tf.function``, the gradients all-reduced in buckets,
+  each as soon as the backward pass has them; in our jobs also the same with one all-reduce
+  op per gradient, ``bucket_mb=0``, the earlier design; MWMS: ``strategy.run`` of the step,
+  where Keras' optimizer all-reduces the gradients with the strategy's collective ops,
+  ``CommunicationImplementation.RING``).
 
 Steps/s = 1 / median distributed step; all-reduce time = distributed step - local step (what
 the communication adds to a step, after whatever overlap each achieves). Each figure is the
@@ -39,6 +41,7 @@ from absl import app, flags
 
 from benchmarks import common
 from lars_tf import testing
+from lars_tf.config import BUCKET_MB
 
 # The models' input shapes and classes, and the per-worker batch (the same for both jobs).
 # ResNet-50 at 64x64: its full gradient (25.6 M parameters, 97.5 MiB float32) at a step the
@@ -59,6 +62,8 @@ flags.DEFINE_bool("quick", False, "2 hosts, 10gbe, small_cnn, 1 round of 1 block
                   "works (CI), measures little.")
 flags.DEFINE_list("launcher_flags", [], "More flags for our jobs' horovodrun_gpu.sh, after "
                   "--preset ethernet (e.g. --cycle-time-ms,5).")
+flags.DEFINE_float("bucket_mb", BUCKET_MB, "Our DistributedOptimizer's bucket size (MiB); "
+                   "our jobs also time one all-reduce op per gradient (0) beside it.")
 flags.DEFINE_string("worker", None, "Internal: run one worker of this implementation.")
 flags.DEFINE_string("model", None, "Internal: the worker's model.")
 flags.DEFINE_integer("task", 0, "Internal (MWMS worker): this worker's index.")
@@ -150,23 +155,32 @@ def worker(impl: str) -> None:
     else:
         import lars_tf
 
-        model = models.get(name, shape, classes)
-        optimizer = lars_tf.DistributedOptimizer(keras.optimizers.SGD(0.01), loss_scale="none")
-        # DistributedOptimizer averages: each rank's loss is its own batch's mean
-        distributed = tf.function(_step_fn(model, optimizer, x, y, 1.0 / batch))
+        def ours(bucket_mb):
+            model = models.get(name, shape, classes)
+            optimizer = lars_tf.DistributedOptimizer(keras.optimizers.SGD(0.01),
+                                                     loss_scale="none", bucket_mb=bucket_mb)
+            # DistributedOptimizer averages: each rank's loss is its own batch's mean
+            return model, tf.function(_step_fn(model, optimizer, x, y, 1.0 / batch))
+
+        model, distributed = ours(FLAGS.bucket_mb)
+        _, per_tensor = ours(0)
 
     def run(fn):
         return lambda: fn().numpy()
 
-    found = {"local": [], "step": []}
+    timed = {"local": local, "step": distributed}
+    if impl != "mwms":
+        timed["step_per_tensor"] = per_tensor
+    found = {k: [] for k in timed}
     for _ in range(FLAGS.blocks):
-        found["local"] += _time(run(local), FLAGS.steps, FLAGS.warmup)
-        found["step"] += _time(run(distributed), FLAGS.steps, FLAGS.warmup)
+        for k, fn in timed.items():
+            found[k] += _time(run(fn), FLAGS.steps, FLAGS.warmup)
     if rank == 0:
-        local, step = (statistics.median(found[k]) for k in ("local", "step"))
+        med = {k: statistics.median(v) for k, v in found.items()}
+        local, step = med["local"], med["step"]
         n_params = sum(int(v.shape.num_elements()) for v in model.trainable_variables)
         Path(FLAGS.out).write_text(json.dumps({
-            "local": local, "step": step, "allreduce": step - local,
+            **med, "allreduce": step - local, "bucket_mb": FLAGS.bucket_mb,
             "gradient_bytes": 4 * n_params, "batch_per_worker": batch, "workers": size,
             "threads": tf.config.threading.get_intra_op_parallelism_threads(),
             "peak_rss_mb": testing.peak_rss_mb()}))
@@ -175,7 +189,8 @@ def worker(impl: str) -> None:
 def worker_command(impl: str, name: str, out: Path, threads: int, **extra) -> list[str]:
     cmd = [sys.executable, "-m", "benchmarks.mwms_peer", f"--worker={impl}", f"--model={name}",
            f"--out={out}", f"--threads={threads}", f"--steps={FLAGS.steps}",
-           f"--blocks={FLAGS.blocks}", f"--warmup={FLAGS.warmup}"]
+           f"--blocks={FLAGS.blocks}", f"--warmup={FLAGS.warmup}",
+           f"--bucket_mb={FLAGS.bucket_mb}"]
     return cmd + [f"--{k}={v}" for k, v in extra.items()]
 
 
@@ -240,7 +255,10 @@ def measure() -> dict:
                                 print(f"[mwms_peer] {link} p={p} {name} round {r + 1} "
                                       f"{impl:8s} step {1e3 * res['step']:7.1f} ms, local "
                                       f"{1e3 * res['local']:7.1f} ms, all-reduce "
-                                      f"{1e3 * res['allreduce']:7.1f} ms", flush=True)
+                                      f"{1e3 * res['allreduce']:7.1f} ms"
+                                      + (f", one op per gradient "
+                                         f"{1e3 * res['step_per_tensor']:7.1f} ms"
+                                         if "step_per_tensor" in res else ""), flush=True)
                         runs[f"{link}|{p}|{name}"] = {"link": link, "hosts": p, "model": name,
                                                       "jobs": jobs}
     import tensorflow as tf
@@ -258,10 +276,14 @@ def rows(raw: dict) -> list[dict]:
                       for k in ("step", "local", "allreduce")}
                for impl, res in run["jobs"].items()}
         first = run["jobs"]["lars_tf"][0]
+        if "step_per_tensor" in first:  # buckets against one op per gradient, same jobs
+            med["lars_tf"]["per_tensor"] = statistics.median(
+                r["step_per_tensor"] for r in run["jobs"]["lars_tf"])
         out.append({"link": run["link"], "hosts": run["hosts"], "model": run["model"],
                     "bytes": first["gradient_bytes"], "batch": first["batch_per_worker"],
                     "ours": med["lars_tf"], "mwms": med["mwms"],
                     "speedup": med["mwms"]["step"] / med["lars_tf"]["step"],
+                    "ours_bucket_mb": first.get("bucket_mb"),
                     "peak_rss_mb": max(r["peak_rss_mb"] for res in run["jobs"].values()
                                        for r in res)})
     return out
@@ -269,9 +291,12 @@ def rows(raw: dict) -> list[dict]:
 
 def report(raw: dict, out: Path) -> None:
     found = rows(raw)
+    per_tensor = all("per_tensor" in r["ours"] for r in found)
     table = ["| link | hosts | model (gradient MiB, batch/worker) | ours steps/s | MWMS steps/s "
              "| ours / MWMS | at most, with a free all-reduce | ours all-reduce (ms) | MWMS "
-             "all-reduce (ms) | local step (ms) | peak RSS/worker (MB) |", "|---" * 11 + "|"]
+             "all-reduce (ms) | local step (ms) | peak RSS/worker (MB) |"
+             + (" ours, one op per gradient: steps/s | buckets / one op per gradient |"
+                if per_tensor else ""), "|---" * (13 if per_tensor else 11) + "|"]
     for r in found:
         o, m = r["ours"], r["mwms"]
         table.append("| " + " | ".join(map(str, [
@@ -280,7 +305,9 @@ def report(raw: dict, out: Path) -> None:
             f"{m['step'] / m['local']:.2f}x", f"{1e3 * o['allreduce']:.0f}",
             f"{1e3 * m['allreduce']:.0f}",
             f"{1e3 * o['local']:.0f} / {1e3 * m['local']:.0f}",
-            f"{r['peak_rss_mb']:.0f}"])) + " |")
+            f"{r['peak_rss_mb']:.0f}"]
+            + ([f"{1 / o['per_tensor']:.2f}", f"{o['per_tensor'] / o['step']:.2f}x"]
+               if per_tensor else []))) + " |")
     png = out.with_suffix(".png")
     plot(found, png)
     worst = min(found, key=lambda r: r["speedup"])
@@ -300,6 +327,12 @@ def report(raw: dict, out: Path) -> None:
                         f"{r['mwms']['step'] / r['mwms']['local']:.2f}x" for r in bounded)
             + ") that bound is under 1.2x: the all-reduce is too small a part of MWMS's "
             "step there for any all-reduce to reach the goal.")
+    if per_tensor:
+        gains = [r["ours"]["per_tensor"] / r["ours"]["step"] for r in found]
+        conclusion += (
+            f" Our buckets ({found[0]['ours_bucket_mb']} MiB) against one all-reduce op per "
+            f"gradient, in the same jobs: {min(gains):.2f}x to {max(gains):.2f}x the steps/s "
+            f"(median {statistics.median(gains):.2f}x).")
     if raw.get("quick"):
         conclusion += " Quick mode: one round of few steps, a check that the benchmark runs."
     common.report(
@@ -309,10 +342,11 @@ def report(raw: dict, out: Path) -> None:
         "same per-worker batch, one worker per host of `tools/cluster.sh` (network "
         "namespaces on this machine sharing its cores, every worker with "
         f"{raw['threads']} intra-op threads), through `lars_tf.DistributedOptimizer` "
-        "(Horovod over Gloo, `launch/horovodrun_gpu.sh --preset ethernet`, each gradient "
-        "all-reduced as it is ready) and through `tf.distribute.MultiWorkerMirroredStrategy` "
-        "(ring all-reduce over gRPC, custom training loop). All-reduce time = distributed "
-        "step - the same worker's local step (no communication). Median over "
+        "(Horovod over Gloo, `launch/horovodrun_gpu.sh --preset ethernet`, the gradients "
+        "all-reduced in buckets as they are ready) and through "
+        "`tf.distribute.MultiWorkerMirroredStrategy` (ring all-reduce over gRPC, custom "
+        "training loop). All-reduce time = distributed step - the same worker's local step "
+        "(no communication). Median over "
         f"{raw['rounds']} rounds of the median of {raw['blocks']} x {raw['steps']} steps. "
         f"The whole run took {raw['total_sec'] / 60:.1f} min. Raw results: "
         f"`{os.path.relpath(out, common.RESULTS.parent)}`.",
