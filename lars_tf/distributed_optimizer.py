@@ -5,11 +5,11 @@ dynamic loss scaling around the all-reduce.
 Horovod 0.28.1's own ``hvd.DistributedOptimizer`` is written for Keras 2: wrapped around a
 Keras 3 optimizer it raises nothing and all-reduces nothing (the ranks drift apart). This
 class does the all-reduce itself with Horovod's ops (in buckets, the last layers' first, each
-started as soon as its gradients exist), so tensor fusion, the cycle time, the response cache,
-the timeline, autotune and the launchers' settings all apply as they do to Horovod's own
-optimizer. The same class serves both stacks: what is
-Keras' protocol (``apply`` on Keras 3, ``minimize``/``apply_gradients`` on Keras 2) comes
-from ``keras_compat.DistributedOptimizerBase``; everything here is written once.
+started as soon as its gradients exist), so tensor fusion, the cycle time, the response
+cache, the timeline, autotune and the launchers' settings all apply as they do to Horovod's
+own optimizer. The same class serves both stacks: what is Keras' protocol (``apply`` on
+Keras 3, ``minimize``/``apply_gradients`` on Keras 2) comes from
+``keras_compat.DistributedOptimizerBase``; everything here is written once.
 
 Where loss scaling sits. One update, from the loss to the weights::
 
@@ -508,8 +508,8 @@ def buckets(dense: list, cap_bytes: int) -> list[list]:
     """``dense``, a list of ``(position, tensor, ...)`` in the order of the model's variables,
     split into the groups that are all-reduced together: in reverse order (the backward
     pass computes the last layers' gradients first), one dtype per group (a Horovod group
-    has one), a group closed once it holds ``cap_bytes`` (``0``: every tensor alone). Positions
-    are what orders the groups left open at the end."""
+    has one), a group closed once it holds ``cap_bytes`` (``0``: every tensor alone); the
+    groups left open at the end follow, ordered by position."""
     done, open_ = [], {}
     for item in reversed(dense):
         t = item[1]
