@@ -68,6 +68,7 @@ bench: setup
 		python -m benchmarks.mwms_peer && python -m benchmarks.elastic_reset; \
 	else echo "benchmarks.cluster_allreduce, mwms_peer, elastic_reset skipped: tools/cluster.sh needs root"; fi
 	python -m benchmarks.scaling
+	python -m benchmarks.horovod_idle
 	python -m benchmarks.noise_scale
 	python -m benchmarks.critical_batch
 
