@@ -47,8 +47,7 @@ def worker(out: str) -> None:
     import keras
     import tensorflow as tf
 
-    import lars_tf  # noqa: F401  (oneDNN on, before TensorFlow's first op)
-    from lars_tf import distributed, models
+    from lars_tf import distributed, models  # lars_tf was imported first: oneDNN is on
 
     threads = distributed.threads_per_rank(int(os.environ.get("HOROVOD_LOCAL_SIZE", "1")))
     tf.config.threading.set_intra_op_parallelism_threads(threads)

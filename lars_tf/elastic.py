@@ -142,7 +142,7 @@ class CommitState(tf.keras.callbacks.Callback):
         # not after the epoch's last update (each fit runs to its epoch's end): a rank lost in
         # the epoch's end (evaluation, checkpoint) would roll back to an epoch with no update
         # left and its end not done; EndEpoch commits once that end is done
-        if self.state.update % self.every == 0 and batch + 1 < self.params.get("steps", 0):
+        if self.state.update % self.every == 0 and batch + 1 < self.params["steps"]:
             self._count()
             self.state.commit()
 
